@@ -1,0 +1,1 @@
+"""Tables owned by the fraud checks (filled in by the fraud module)."""

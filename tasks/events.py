@@ -1,0 +1,28 @@
+"""Apply a listing event, then announce its images (after the commit)."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from tasks.base import DatabaseTask
+from worker.events import parse_event
+from worker.processing import apply_event
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(bind=True, base=DatabaseTask, name="tasks.events.handle_event")
+def handle_event(self: DatabaseTask, event: dict) -> dict:
+    parsed = parse_event(event)
+    with self.open_session() as session:
+        with session.begin():
+            outcome = apply_event(session, parsed)
+    from tasks.images import analyze_image
+
+    for image_id in outcome.images_to_analyze:
+        analyze_image.delay(image_id)
+    log.info("event %s (%s): %s, %d image(s) queued", parsed.event_id, parsed.type,
+             outcome.outcome, len(outcome.images_to_analyze))
+    return {"outcome": outcome.outcome, "images": outcome.images_to_analyze}

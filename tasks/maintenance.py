@@ -1,0 +1,29 @@
+"""Periodic housekeeping (celery beat)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from celery import shared_task
+
+from tasks.base import DatabaseTask
+from worker.processing import stale_images
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(bind=True, base=DatabaseTask, name="tasks.maintenance.requeue_stale_images")
+def requeue_stale_images(self: DatabaseTask) -> int:
+    """Re-announce images left pending (their message was lost, e.g. with an embedded broker
+    whose worker died). Analysis is idempotent, so a spurious re-run costs only time."""
+    with self.open_session() as session:
+        with session.begin():
+            ids = stale_images(session, timedelta(seconds=self.settings.stale_after))
+    from tasks.images import analyze_image
+
+    for image_id in ids:
+        analyze_image.delay(image_id)
+    if ids:
+        log.warning("re-queued %d stale image(s)", len(ids))
+    return len(ids)

@@ -1,0 +1,83 @@
+"""The Celery application. Policy lives here and in tasks/base.py, not in each task.
+
+Settings chosen for long GPU tasks: a task is acknowledged only after it finished
+(``acks_late``) and requeued if its worker process dies (``reject_on_worker_lost``); each
+worker process reserves one message at a time (``prefetch_multiplier=1``) so a slow task does
+not hold others hostage; Redis redelivers an unacknowledged message only after
+``visibility_timeout``, which must stay above the longest task. Results go to the database,
+so there is no result backend.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from worker.config import Settings, get_settings
+
+QUEUES = ("ingest", "gpu", "cpu", "train")
+
+ROUTES = {
+    "tasks.events.*": {"queue": "ingest"},
+    "tasks.images.*": {"queue": "gpu"},
+    "tasks.maintenance.*": {"queue": "cpu"},
+    "tasks.training.*": {"queue": "train"},
+}
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("catalog", include=["tasks.events", "tasks.images", "tasks.maintenance"])
+    broker_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout}
+    embedded = settings.embedded_broker
+    if embedded:
+        folder = settings.broker_dir
+        (folder / "queue").mkdir(parents=True, exist_ok=True)
+        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        broker_options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    app.conf.update(
+        broker_url=settings.effective_broker_url,
+        broker_transport_options=broker_options,
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="cpu",
+        task_routes=ROUTES,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=max(settings.task_time_limit - 30, 1),
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=None,
+        worker_hijack_root_logger=False,
+        # The filesystem transport has no fan-out exchange, so remote control is off there.
+        worker_enable_remote_control=not embedded,
+        worker_send_task_events=False,
+        timezone="UTC",
+        beat_schedule={
+            "requeue-stale-images": {
+                "task": "tasks.maintenance.requeue_stale_images",
+                "schedule": 300.0,
+            },
+        },
+    )
+    return app
+
+
+@worker_process_init.connect
+def _fresh_process(**_kwargs: object) -> None:
+    # A forked child must not reuse the parent's database sockets.
+    from db.session import dispose_engines
+
+    dispose_engines()
+
+
+app = make_celery(get_settings())

@@ -1,0 +1,237 @@
+"""One settings object for every process, read from ``CATALOG_*`` environment variables.
+
+Defaults give the embedded mode (SQLite file, filesystem broker, CPU) so that a fresh
+checkout runs with no servers; pointing ``CATALOG_DATABASE_URL`` at Postgres and
+``CATALOG_BROKER_URL`` at Redis switches to production with no code change.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CATALOG_"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class ConfigError(RuntimeError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- storage -------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path(".catalog"),
+        description="Directory for the embedded database, broker queue and artifacts.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL. Default: SQLite file <data_dir>/catalog.db. "
+        "Production: postgresql+psycopg2://user@host/db",
+    )
+    artifact_dir: Path | None = Field(
+        None, description="Where cutouts and enhanced images are written. Default <data_dir>/artifacts."
+    )
+
+    # --- messaging -----------------------------------------------------------------
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker. Default: filesystem queue under <data_dir>/broker "
+        "(no server, shared by processes on one machine). Production: redis://host:6379/0",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis holding the event stream read by `catalog ingest`. "
+        "Default: the broker URL when it is redis://, else redis://127.0.0.1:6379/0.",
+    )
+    events_stream: str = Field("catalog:events", description="Stream producers XADD events to.")
+    events_group: str = Field("catalog-ingest", description="Consumer group used by `catalog ingest`.")
+    dead_letter_stream: str = Field(
+        "catalog:events:dead", description="Stream that receives invalid events with the reason."
+    )
+    ingest_claim_idle_ms: int = Field(
+        60_000, ge=1000, description="Pending entries idle this long (a dead consumer) are claimed again."
+    )
+    visibility_timeout: int = Field(
+        7200,
+        ge=10,
+        description="Seconds before an unacknowledged task is redelivered (Redis broker). "
+        "Must exceed the longest task.",
+    )
+    task_time_limit: int = Field(3600, ge=5, description="Hard time limit of one task, seconds.")
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts per image before it is failed (a worker that died counts)."
+    )
+    fetch_retries: int = Field(2, ge=0, description="Retries of an image whose host timed out or was unreachable.")
+    fetch_retry_delay: int = Field(10, ge=0, description="Seconds before the first such retry (doubles each time).")
+    stale_after: int = Field(
+        900, ge=10, description="Images pending longer than this are re-queued by the reconcile beat task."
+    )
+
+    # --- compute -------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
+    steps: CommaList = Field(
+        default_factory=lambda: ["metadata"],
+        description="Comma-separated analysis steps run on every image, in order.",
+    )
+
+    # --- image fetching --------------------------------------------------------------
+    fetch_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to an image host.")
+    fetch_read_timeout: float = Field(15.0, gt=0, description="Seconds between bytes while downloading.")
+    fetch_total_timeout: float = Field(60.0, gt=0, description="Seconds for the whole download.")
+    fetch_max_bytes: int = Field(30 * 1024 * 1024, gt=0, description="Largest image file accepted, bytes.")
+    fetch_max_redirects: int = Field(3, ge=0, description="Redirects followed (each one re-checked).")
+    fetch_allow_hosts: CommaList = Field(
+        default_factory=list,
+        description="Private/loopback addresses allowed anyway: IPs or CIDRs, optionally with :port "
+        "(e.g. 10.0.0.0/8,127.0.0.1:8080).",
+    )
+    max_pixels: int = Field(50_000_000, gt=0, description="Largest decoded image accepted, pixels.")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    # --- models (vision runtime, tagging, detection, segmentation; see docs/vision.md) -------
+    batch_max_size: int = Field(
+        8, ge=1, description="Dynamic batching: most images per forward pass (1 = no batching)."
+    )
+    batch_timeout_ms: float = Field(
+        10.0, ge=0, description="Dynamic batching: longest wait for more images after the first, ms."
+    )
+    tagging_top_k: int = Field(5, ge=1, description="ImageNet labels kept per image.")
+    tagging_min_score: float = Field(0.05, ge=0, le=1, description="Lowest ImageNet label probability kept.")
+    category_min_score: float = Field(
+        0.10, ge=0, le=1, description="Lowest catalog-category score kept as a tag."
+    )
+    taxonomy_path: Path | None = Field(
+        None, description="Catalog categories as ImageNet class lists. Default: worker/data/taxonomy.yaml."
+    )
+    category_head_path: Path | None = Field(
+        None,
+        description="Trained category head (torch file: Linear(1280, n) state_dict + classes). "
+        "When set it replaces the taxonomy map.",
+    )
+    detector: str = Field(
+        "yolov3-tiny", description='Object detector: "yolov3-tiny" or "torchvision:<builder>".'
+    )
+    detector_checkpoint: Path | None = Field(
+        None, description="Weights for a torchvision:<builder> detector (state_dict file)."
+    )
+    detector_input_size: int = Field(
+        416, ge=32, multiple_of=32, description="YOLO letterbox size, pixels (multiple of 32)."
+    )
+    detection_score_threshold: float = Field(0.25, ge=0, le=1, description="Lowest detection score kept.")
+    detection_nms_iou: float = Field(0.45, gt=0, le=1, description="IoU above which NMS drops a box.")
+    segmenter: str = Field(
+        "u2netp", description='Foreground segmenter: "u2netp" or "torchvision:<builder>".'
+    )
+    segmenter_checkpoint: Path | None = Field(
+        None, description="Weights for a torchvision:<builder> segmenter (state_dict file)."
+    )
+    segmenter_input_size: int = Field(320, ge=32, description="Segmenter input size, pixels.")
+    colour_clusters: int = Field(4, ge=1, le=12, description="k of the k-means over foreground colours.")
+    colour_min_share: float = Field(
+        0.08, ge=0, le=1, description="Smallest share of the foreground a colour needs to become a tag."
+    )
+
+    @field_validator("steps", "fetch_allow_hosts", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("fetch_allow_hosts")
+    @classmethod
+    def _check_allow_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_allow_entry(entry)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_db_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg2:// URL")
+        return value
+
+    # --- derived values --------------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'catalog.db').resolve()}"
+
+    @property
+    def effective_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.effective_broker_url.startswith("filesystem://")
+
+    @property
+    def effective_redis_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        if self.effective_broker_url.startswith(("redis://", "rediss://")):
+            return self.effective_broker_url
+        return "redis://127.0.0.1:6379/0"
+
+
+def parse_allow_entry(entry: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]:
+    """Parse ``10.0.0.0/8``, ``127.0.0.1:8080`` or ``[::1]:8080`` into (network, port)."""
+    text, port = entry.strip(), None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        text = host
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        text, port_text = text.split(":")
+        port = int(port_text)
+    try:
+        return ipaddress.ip_network(text, strict=False), port
+    except ValueError as exc:
+        raise ValueError(f"{entry!r} is not an IP, CIDR or IP:port") from exc
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate settings; raise ConfigError naming each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests change the environment between cases)."""
+    get_settings.cache_clear()
