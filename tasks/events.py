@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import shared_task
+from worker.celery_app import app
 
 from tasks.base import DatabaseTask
 from worker.events import parse_event
@@ -13,7 +13,7 @@ from worker.processing import apply_event
 log = logging.getLogger(__name__)
 
 
-@shared_task(bind=True, base=DatabaseTask, name="tasks.events.handle_event")
+@app.task(bind=True, base=DatabaseTask, name="tasks.events.handle_event")
 def handle_event(self: DatabaseTask, event: dict) -> dict:
     parsed = parse_event(event)
     with self.open_session() as session:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import shared_task
+from worker.celery_app import app
 
 from tasks.base import DatabaseTask
 from worker.processing import analyze_image as analyze
@@ -12,7 +12,7 @@ from worker.processing import analyze_image as analyze
 log = logging.getLogger(__name__)
 
 
-@shared_task(bind=True, base=DatabaseTask, name="tasks.images.analyze_image", max_retries=3)
+@app.task(bind=True, base=DatabaseTask, name="tasks.images.analyze_image", max_retries=3)
 def analyze_image(self: DatabaseTask, image_id: int) -> str:
     settings = self.settings
     with self.open_session() as session:

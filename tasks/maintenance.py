@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from celery import shared_task
+from worker.celery_app import app
 
 from tasks.base import DatabaseTask
 from worker.processing import stale_images
@@ -13,7 +13,7 @@ from worker.processing import stale_images
 log = logging.getLogger(__name__)
 
 
-@shared_task(bind=True, base=DatabaseTask, name="tasks.maintenance.requeue_stale_images")
+@app.task(bind=True, base=DatabaseTask, name="tasks.maintenance.requeue_stale_images")
 def requeue_stale_images(self: DatabaseTask) -> int:
     """Re-announce images left pending (their message was lost, e.g. with an embedded broker
     whose worker died). Analysis is idempotent, so a spurious re-run costs only time."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from celery import Celery
 from celery.signals import worker_process_init
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from worker.config import Settings, get_settings
 
@@ -28,7 +28,11 @@ ROUTES = {
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("catalog", include=["tasks.events", "tasks.images", "tasks.maintenance"])
-    broker_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout}
+    broker_options: dict[str, object] = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": settings.restore_sweep_seconds,
+        "unacked_restore_throttle": 1,
+    }
     embedded = settings.embedded_broker
     if embedded:
         folder = settings.broker_dir
@@ -44,7 +48,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_url=settings.effective_broker_url,
         broker_transport_options=broker_options,
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(name) for name in QUEUES],
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="cpu",
         task_routes=ROUTES,
         task_acks_late=True,

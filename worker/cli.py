@@ -194,6 +194,14 @@ def submit_cmd(files: tuple[str, ...]) -> None:
     click.echo(f"queued {queued} event(s), rejected {rejected}")
 
 
+@main.command("events-schema")
+def events_schema_cmd() -> None:
+    """Print the JSON Schema of listing events (docs/events.schema.json)."""
+    from worker.events import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
 def _passthrough(name: str, help_text: str):  # noqa: ANN202
     return main.command(
         name,
@@ -230,8 +238,15 @@ def worker_cmd(ctx: click.Context) -> None:
     if not any(a.startswith(("-l", "--loglevel")) for a in args):
         args += ["--loglevel", settings.log_level]
     if settings.embedded_broker:
-        # The filesystem transport has no fan-out: no gossip, mingle or heartbeats.
+        # The filesystem transport has no fan-out: no gossip, mingle or heartbeats. It also
+        # forgets a message once a worker took it, so the embedded worker runs the beat
+        # scheduler itself: its stale-image sweep re-queues work lost with a dead worker.
         args += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+        if "--no-beat" in args:
+            args.remove("--no-beat")
+        elif not any(a in ("-B", "--beat") for a in args):
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            args += ["--beat", "--schedule", str(settings.data_dir / "beat-schedule")]
     app.worker_main(["worker", *args])
 
 

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
         description="Seconds before an unacknowledged task is redelivered (Redis broker). "
         "Must exceed the longest task.",
     )
+    restore_sweep_seconds: int = Field(
+        60, ge=1, description="How often a Redis-broker worker looks for unacknowledged tasks "
+        "older than the visibility timeout (those of a dead worker) to redeliver."
+    )
     task_time_limit: int = Field(3600, ge=5, description="Hard time limit of one task, seconds.")
     max_attempts: int = Field(
         3, ge=1, description="Attempts per image before it is failed (a worker that died counts)."
@@ -97,6 +101,62 @@ class Settings(BaseSettings):
     max_pixels: int = Field(50_000_000, gt=0, description="Largest decoded image accepted, pixels.")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    # --- fraud -----------------------------------------------------------------------
+    duplicate_max_distance: int = Field(
+        14, ge=0, le=40,
+        description="Duplicate photo: largest pHash+dHash Hamming distance (of 128 bits, best view "
+        "pair) accepted on hashes alone.",
+    )
+    duplicate_max_distance_confirmed: int = Field(
+        22, ge=0, le=60,
+        description="Duplicate photo: largest distance accepted when the embedding cosine confirms.",
+    )
+    duplicate_confirm_cosine: float = Field(
+        0.85, ge=-1, le=1, description="Embedding cosine that confirms a looser hash match."
+    )
+    duplicate_veto_cosine: float = Field(
+        0.3, ge=-1, le=1, description="Embedding cosine below which a hash match is rejected."
+    )
+    duplicate_probe_neighbours: bool = Field(
+        True,
+        description="Also probe 16-bit bands one bit away (finds hashes up to 7 bits apart, "
+        "guaranteed; 17x more index probes).",
+    )
+    duplicate_max_candidates: int = Field(200, ge=1, description="Candidates verified per image.")
+    contact_min_confidence: float = Field(
+        0.5, ge=0, le=1, description="OCR confidence below which a text line is ignored."
+    )
+    nsfw_threshold: float = Field(0.8, ge=0, le=1, description="open_nsfw score that raises an nsfw flag.")
+    tamper_ela_threshold: float = Field(
+        3.0, gt=0,
+        description="Error-level-analysis ratio (strongest block vs median block) above which a "
+        "JPEG is flagged as possibly edited (weak evidence).",
+    )
+    quality_min_side: int = Field(250, ge=1, description="Images with a shorter side are low quality.")
+    quality_blur_threshold: float = Field(
+        40.0, ge=0, description="Variance of the Laplacian (grey 0..255, 512 px) below which an image is blurred."
+    )
+    quality_min_jpeg_quality: int = Field(
+        30, ge=1, le=100, description="Estimated JPEG quality below which compression is extreme."
+    )
+    category_mismatch_min_score: float = Field(
+        0.5, ge=0, le=1, description="Tagging confidence needed before a category mismatch is flagged."
+    )
+    flag_claim_ttl: int = Field(1800, ge=10, description="Seconds a reviewer holds a claimed flag.")
+    fraud_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "duplicate_image": 0.6, "contact_info": 0.5, "nsfw": 0.7, "tampered": 0.15,
+            "category_mismatch": 0.25, "low_quality": 0.05,
+        },
+        description="Per flag kind weight in the listing fraud score (JSON object).",
+    )
+    fraud_review_threshold: float = Field(
+        0.5, ge=0, le=1, description="Listing fraud score from which the listing needs review."
+    )
+    fraud_block_threshold: float = Field(
+        0.85, ge=0, le=1, description="Listing fraud score from which the listing should be held."
+    )
 
     # --- models (vision runtime, tagging, detection, segmentation; see docs/vision.md) -------
     batch_max_size: int = Field(
@@ -141,6 +201,28 @@ class Settings(BaseSettings):
         0.08, ge=0, le=1, description="Smallest share of the foreground a colour needs to become a tag."
     )
 
+    # --- super-resolution (worker/superres.py; see docs/superres.md) ------------------------
+    sr_min_side: int = Field(
+        512, ge=1, description="Super-resolve images whose shorter side is below this, pixels."
+    )
+    sr_target_side: int | None = Field(
+        None, ge=1,
+        description="Shorter side the enhanced image should reach; the smallest model scale that "
+        "reaches it is used (x2, else x4). Default: sr_min_side.",
+    )
+    sr_model: Literal["auto", "waifu2x-photo", "realesrgan-x4plus", "inhouse"] = Field(
+        "auto",
+        description="SR model. auto = waifu2x-photo when x2 reaches the target, else "
+        "realesrgan-x4plus (falling back to the in-house model when a model is not imported).",
+    )
+    sr_tile: int = Field(192, ge=16, description="SR tile size (input pixels, excluding overlap).")
+    sr_tile_overlap: int = Field(
+        16, ge=0, description="Input pixels of context each SR tile gets from its neighbours."
+    )
+    sr_model_dir: Path | None = Field(
+        None, description="Imported/trained SR weights (`catalog models import`). Default <data_dir>/models."
+    )
+
     @field_validator("steps", "fetch_allow_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -172,6 +254,14 @@ class Settings(BaseSettings):
     @property
     def effective_artifact_dir(self) -> Path:
         return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def effective_sr_model_dir(self) -> Path:
+        return (self.sr_model_dir or self.data_dir / "models").resolve()
+
+    @property
+    def effective_sr_target_side(self) -> int:
+        return self.sr_target_side or self.sr_min_side
 
     @property
     def broker_dir(self) -> Path:

@@ -32,9 +32,6 @@ from worker.pipeline import ImageContext, StepRun, get_step, run_steps
 
 log = logging.getLogger(__name__)
 
-# Image-fetch failures worth retrying: the host may answer later.
-TRANSIENT_LOAD_ERRORS = {"timeout", "unreachable", "http_status_transient"}
-
 
 @dataclass
 class EventOutcome:
@@ -201,7 +198,7 @@ def analyze_image(session: Session, image_id: int, settings: Settings, *,
     try:
         loaded = load_image(url, settings)
     except ImageLoadError as exc:
-        if retry_transient and exc.code in TRANSIENT_LOAD_ERRORS:
+        if retry_transient and exc.transient:
             return ImageOutcome(image_id, "retry", str(exc))
         with session.begin():
             image = session.get(m.Image, image_id)

@@ -1,0 +1,54 @@
+"""The embedded default end to end: SQLite file, filesystem broker, a separate
+`catalog worker` process, no servers at all."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.procs import Proc, catalog_env, run_catalog, wait_for
+from tests.support.images import write_not_an_image, write_photo
+
+pytestmark = pytest.mark.slow
+
+
+def test_submit_to_embedded_worker(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    # Point Redis and Postgres at closed ports: nothing in this path may need a server.
+    env = catalog_env(data_dir=str(data), redis_url="redis://127.0.0.1:1/0")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    a = write_photo(photos / "a.jpg", size=(256, 192), seed=7)
+    b = write_not_an_image(photos / "b.jpg")
+    events = tmp_path / "events.jsonl"
+    ev = {"event_id": "emb-1", "type": "listing.created", "occurred_at": datetime.now(timezone.utc).isoformat(),
+          "listing": {"id": "L-emb", "seller_id": "s", "images": [str(a), str(b)]}}
+    events.write_text("\n".join(json.dumps(ev) for _ in range(2)) + "\n")
+
+    submitted = run_catalog(["submit", str(events)], env)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "queued 2" in submitted.stdout
+
+    worker = Proc(["worker", "--concurrency", "1"], env, tmp_path / "worker.log")
+    try:
+        db = data / "catalog.db"
+
+        def done() -> bool:
+            if not db.exists():
+                return False
+            with sqlite3.connect(db) as conn:
+                row = conn.execute("SELECT status FROM listings WHERE external_id='L-emb'").fetchone()
+            return bool(row) and row[0] == "done"
+
+        wait_for(done, 120, "embedded listing done", [worker])
+    finally:
+        worker.stop()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM listings").fetchone() == (1,)
+        rows = conn.execute("SELECT status, width, substr(error, 1, 13) FROM images ORDER BY position").fetchall()
+        assert rows == [("done", 256, None), ("failed", None, "not_an_image:")]
+        assert conn.execute("SELECT count(*) FROM processed_events").fetchone() == (1,)

@@ -1,0 +1,85 @@
+"""The `catalog` command line: help everywhere, idempotent migrations, in-process processing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.support.images import write_photo
+from worker.cli import main
+
+
+def all_commands(group=main, prefix=()):  # noqa: ANN001, ANN201
+    for name, cmd in group.commands.items():
+        yield (*prefix, name)
+        if hasattr(cmd, "commands"):
+            yield from all_commands(cmd, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [(), *all_commands()], ids=lambda p: " ".join(p) or "catalog")
+def test_every_command_has_useful_help(path: tuple[str, ...]) -> None:
+    if path in (("worker",), ("beat",)):
+        pytest.skip("pass-through commands: checked in test_worker_help")
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and len(result.output.splitlines()) >= 4
+
+
+def test_worker_help_shows_ours_and_celerys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--help"], capture_output=True,
+                         text=True, timeout=60, env={**__import__("os").environ})
+    assert out.returncode == 0, out.stderr
+    assert "--pool threads" in out.stdout and "--concurrency" in out.stdout
+
+
+def test_db_upgrade_is_idempotent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path))
+    runner = CliRunner()
+    first = runner.invoke(main, ["db", "upgrade"])
+    second = runner.invoke(main, ["db", "upgrade"])
+    assert first.exit_code == 0 and "migrated from empty" in first.output
+    assert second.exit_code == 0 and "already at" in second.output
+
+
+def test_bad_configuration_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_FETCH_MAX_BYTES", "-5")
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code != 0 and "CATALOG_FETCH_MAX_BYTES" in result.output
+
+
+def test_process_runs_the_pipeline_in_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path / "data"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_photo(photos / "a.jpg", size=(320, 240), seed=1)
+    write_photo(photos / "b.png", size=(200, 100), seed=2)
+    (photos / "notes.txt").write_text("ignored: not an image suffix")
+    result = CliRunner().invoke(main, ["process", str(photos), "--seller", "s9", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["listing"]["status"] == "done" and report["listing"]["seller_id"] == "s9"
+    assert [(i["width"], i["height"], i["status"]) for i in report["images"]] == [(320, 240, "done"), (200, 100, "done")]
+    assert all(len(i["phash"]) == 16 for i in report["images"])
+    text = CliRunner().invoke(main, ["show", report["listing"]["id"]])
+    assert text.exit_code == 0 and "phash" in text.output
+
+
+def test_process_rejects_missing_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["process", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_submit_dead_letters_invalid_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path))
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"event_id": "x"}\n')
+    result = CliRunner().invoke(main, ["submit", str(events)])
+    assert result.exit_code == 0 and "rejected 1" in result.output
