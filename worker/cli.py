@@ -26,6 +26,10 @@ def _setup_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if settings.log_level != "DEBUG":
+        # Migration chatter and kombu's note about the host-less filesystem URL are noise here.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("kombu.connection").setLevel(logging.ERROR)
 
 
 def _settings() -> Settings:

@@ -209,7 +209,7 @@ def analyze_image(session: Session, image_id: int, settings: Settings, *,
         return ImageOutcome(image_id, "failed", f"{exc.code}: {exc}")
 
     with session.begin():
-        if previously_done and previous_sha == loaded.sha256:
+        if previously_done and previous_sha == loaded.sha256 and _same_pipeline(session, image_id, settings):
             image = session.get(m.Image, image_id)
             if image is not None and image.status == "pending":
                 _finish_image(session, image, status="done", error=None)
@@ -230,6 +230,24 @@ def analyze_image(session: Session, image_id: int, settings: Settings, *,
         _store_runs(session, image, loaded, runs, ctx)
         _finish_image(session, image, status="done", error=None, loaded=loaded)
     return ImageOutcome(image_id, "done", steps=runs)
+
+
+def _same_pipeline(session: Session, image_id: int, settings: Settings) -> bool:
+    """Did the stored results come from the steps and model versions configured now? If not,
+    unchanged bytes are analysed again (a new model version re-tags old photos)."""
+    stored = {(step, version) for step, version in session.execute(
+        select(m.StepRunRecord.step, m.StepRunRecord.model_version)
+        .where(m.StepRunRecord.image_id == image_id)
+    )}
+    wanted = {(name, _version_of(name)) for name in settings.steps}
+    return stored == wanted
+
+
+def _version_of(name: str) -> str:
+    try:
+        return get_step(name).version
+    except Exception:  # noqa: BLE001 - a step that cannot even report a version
+        return "unknown"
 
 
 def _clear_results(session: Session, image_id: int) -> None:

@@ -191,3 +191,12 @@ def test_rollback_per_test_isolation(pg_session) -> None:  # noqa: ANN001
     with pg_session.begin():
         apply_event(pg_session, payload)
     assert pg_session.execute(select(m.Listing).where(m.Listing.external_id == ext)).scalar_one().status == "done"
+
+
+def test_unchanged_image_is_reanalysed_when_the_pipeline_changed(db_url: str, tmp_path: Path, make_settings) -> None:
+    listing, a = unique("L"), photo(tmp_path / "a.png")
+    first = apply(db_url, event(listing, [a]))
+    analyze_all(db_url, make_settings(database_url=db_url, steps=[]), first.images_to_analyze)
+    again = apply(db_url, event(listing, [a], etype="listing.updated"))
+    result = analyze_all(db_url, make_settings(database_url=db_url), again.images_to_analyze)[0]
+    assert [r.step for r in result.steps] == ["metadata"]  # really re-ran: metadata is new
