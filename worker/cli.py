@@ -263,7 +263,10 @@ def beat_cmd(ctx: click.Context) -> None:
     from worker.celery_app import app
 
     args = list(ctx.args)
-    if not any(a.startswith(("-s", "--schedule")) for a in args):
+    if "--help" in args or "-h" in args:
+        click.echo(ctx.command.help)
+        click.echo("\nCelery beat options:\n")
+    elif not any(a.startswith(("-s", "--schedule")) for a in args):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         args += ["--schedule", str(settings.data_dir / "beat-schedule")]
     app.start(["beat", *args])
