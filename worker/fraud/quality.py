@@ -1,0 +1,71 @@
+"""Low-quality photos (step ``quality``): too small, blurred, or compressed to mush.
+
+Not fraud by itself, but stolen photos are often thumbnails scaled up or screenshots
+re-compressed many times, and buyers see a poor listing. Three measurements:
+
+* the shorter side in pixels (``quality_min_side``);
+* sharpness: variance of the Laplacian (kornia) of the grey image scaled to 512 px on the
+  longer side, so the figure does not depend on the upload size (``quality_blur_threshold``);
+* JPEG quality estimated from the quantisation tables of the file as uploaded
+  (``quality_min_jpeg_quality``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from worker.fraud.jpeg import estimate_quality
+from worker.pipeline import Flag, ImageContext, StepResult
+
+ANALYSIS_SIDE = 512
+
+
+def laplacian_variance(image: Image.Image) -> float:
+    grey = image.convert("L")
+    if max(grey.size) != ANALYSIS_SIDE:
+        scale = ANALYSIS_SIDE / max(grey.size)
+        grey = grey.resize((max(1, round(grey.width * scale)), max(1, round(grey.height * scale))),
+                           Image.Resampling.BILINEAR)
+    arr = np.asarray(grey, dtype=np.float32)
+    try:
+        import kornia
+        import torch
+    except ImportError:  # same 3x3 kernel without kornia
+        lap = (arr[1:-1, :-2] + arr[1:-1, 2:] + arr[:-2, 1:-1] + arr[2:, 1:-1] - 4 * arr[1:-1, 1:-1])
+        return float(lap.var())
+    with torch.inference_mode():
+        t = torch.from_numpy(arr)[None, None]
+        lap = kornia.filters.laplacian(t, kernel_size=3, border_type="reflect", normalized=False)
+        return float(lap[..., 1:-1, 1:-1].var())
+
+
+class QualityStep:
+    name: ClassVar[str] = "quality"
+    requires: ClassVar[tuple[str, ...]] = ()
+    version = "quality@1:size+laplacian(kornia)+jpeg-qtables"
+
+    def run(self, ctx: ImageContext) -> StepResult:
+        s = ctx.settings
+        w, h = ctx.image.size
+        sharpness = laplacian_variance(ctx.image)
+        jpeg_q = estimate_quality(ctx.raw) if ctx.source_format == "JPEG" else None
+        data: dict[str, Any] = {"width": w, "height": h, "laplacian_variance": round(sharpness, 2),
+                                "jpeg_quality": jpeg_q}
+        problems, score = [], 0.0
+        if min(w, h) < s.quality_min_side:
+            problems.append(f"tiny ({w}x{h} px, under {s.quality_min_side} px)")
+            score = max(score, 0.6)
+        if sharpness < s.quality_blur_threshold:
+            problems.append(f"blurred (Laplacian variance {sharpness:.0f} < {s.quality_blur_threshold:.0f})")
+            score = max(score, 0.5 + 0.5 * (1 - sharpness / max(s.quality_blur_threshold, 1e-6)))
+        if jpeg_q is not None and jpeg_q < s.quality_min_jpeg_quality:
+            problems.append(f"heavily compressed (JPEG quality about {jpeg_q})")
+            score = max(score, 0.5)
+        if not problems:
+            return StepResult(data=data)
+        data["problems"] = problems
+        evidence = {**data, "summary": "Low-quality photo: " + "; ".join(problems) + "."}
+        return StepResult(flags=[Flag("low_quality", round(min(score, 1.0), 3), evidence)], data=data)

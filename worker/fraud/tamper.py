@@ -1,0 +1,98 @@
+"""Signs of editing (step ``tamper``) - WEAK evidence, never proof.
+
+Two signals:
+
+* **EXIF Software**: the file says it was saved by an image editor (Photoshop, GIMP, ...).
+  Most honest product photos are edited too (cropping, white balance), so on its own this
+  only adds context for a reviewer; it raises a flag with a low score.
+* **Error level analysis (JPEG only)**: the image is re-saved at a known quality and the
+  difference is measured per 16x16 block. A region pasted from another picture was
+  compressed a different number of times and often stands out from the rest. The statistic
+  is the strongest block's error over the median block's; ``tamper_ela_threshold`` sets the
+  cut. Sharp edges, text and high-contrast logos raise it too, hence the low weight.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from worker.fraud.jpeg import estimate_quality
+from worker.pipeline import Flag, ImageContext, StepResult
+
+EDITORS = re.compile(
+    r"photoshop|gimp|lightroom|affinity|pixelmator|paint\.net|canva|picsart|snapseed|"
+    r"facetune|photopea|fotor|meitu|krita|corel|paintshop", re.IGNORECASE)
+EXIF_SOFTWARE = 0x0131
+ELA_QUALITY = 90
+BLOCK = 16
+
+
+def editor_software(raw: bytes) -> str | None:
+    try:
+        exif = Image.open(io.BytesIO(raw)).getexif()
+    except Exception:
+        return None
+    software = exif.get(EXIF_SOFTWARE)
+    if isinstance(software, bytes):
+        software = software.decode("latin-1", "replace")
+    if software and EDITORS.search(str(software)):
+        return str(software).strip()
+    return None
+
+
+def error_level(image: Image.Image) -> dict[str, Any]:
+    """Block error levels after one more JPEG round trip at ``ELA_QUALITY``."""
+    rgb = image.convert("RGB")
+    if max(rgb.size) > 1024:  # the statistic is about regions, not pixels
+        rgb.thumbnail((1024, 1024), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=ELA_QUALITY)
+    again = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32)
+    diff = np.abs(np.asarray(rgb, dtype=np.float32) - again).mean(axis=2)
+    h, w = (diff.shape[0] // BLOCK) * BLOCK, (diff.shape[1] // BLOCK) * BLOCK
+    if h == 0 or w == 0:
+        return {"ratio": 0.0}
+    blocks = diff[:h, :w].reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).mean(axis=(1, 3))
+    median = float(np.median(blocks))
+    top = float(np.percentile(blocks, 99.5))
+    iy, ix = np.unravel_index(int(np.argmax(blocks)), blocks.shape)
+    scale = image.width / rgb.width
+    return {
+        "ratio": round(top / max(median, 0.25), 3),
+        "median_error": round(median, 3),
+        "top_error": round(top, 3),
+        "strongest_block": [round(float(v * scale), 1) for v in
+                            (ix * BLOCK, iy * BLOCK, (ix + 1) * BLOCK, (iy + 1) * BLOCK)],
+    }
+
+
+class TamperStep:
+    name: ClassVar[str] = "tamper"
+    requires: ClassVar[tuple[str, ...]] = ()
+    version = "tamper@1:ela-q90+exif-software"
+
+    def run(self, ctx: ImageContext) -> StepResult:
+        software = editor_software(ctx.raw)
+        data: dict[str, Any] = {"software": software}
+        reasons, score = [], 0.0
+        if ctx.source_format == "JPEG":
+            ela = error_level(ctx.image)
+            data["ela"] = ela
+            data["jpeg_quality"] = estimate_quality(ctx.raw)
+            if ela["ratio"] >= ctx.settings.tamper_ela_threshold:
+                reasons.append(f"one region re-compresses {ela['ratio']:.1f}x worse than the median "
+                               f"(error level analysis, strongest block at {ela['strongest_block']})")
+                score = max(score, min(0.6, 0.3 + 0.05 * (ela["ratio"] - ctx.settings.tamper_ela_threshold)))
+        if software:
+            reasons.append(f"the file was saved by an image editor ({software})")
+            score = max(score, 0.2)
+        if not reasons:
+            return StepResult(data=data)
+        evidence = {**data, "weak_evidence": True,
+                    "summary": "Possible editing (weak evidence, check the photo): " + "; ".join(reasons) + "."}
+        return StepResult(flags=[Flag("tampered", round(score, 3), evidence)], data=data)
