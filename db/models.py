@@ -71,6 +71,10 @@ class Listing(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     processed_at: Mapped[datetime | None]
+    # Combined fraud signals of all images (worker/fraud/score.py), set when the listing is done
+    # and again when a reviewer resolves one of its flags.
+    fraud_score: Mapped[float | None] = mapped_column(Float)
+    fraud_decision: Mapped[str | None] = mapped_column(String(16))  # ok | review | hold
 
     images: Mapped[list[Image]] = relationship(
         back_populates="listing", order_by="Image.position", cascade="all, delete-orphan"
@@ -265,3 +269,8 @@ class ArtifactRecord(Base):
     height: Mapped[int | None] = mapped_column(Integer)
     model_version: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Tables owned by capability modules live in their own files; importing them here puts them on
+# Base.metadata for everyone (migrations' autogenerate, tests comparing models to migrations).
+from db import fraud_models as _fraud_models  # noqa: E402,F401

@@ -8,7 +8,6 @@ fast instead of stalling every writer behind it.
 from alembic import context
 from sqlalchemy import text
 
-import db.fraud_models  # noqa: F401  (registers fraud tables on Base.metadata, if present)
 from db.models import Base
 from db.session import make_engine
 

@@ -62,6 +62,7 @@ def test_bad_configuration_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_process_runs_the_pipeline_in_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CATALOG_STEPS", "metadata")
     photos = tmp_path / "photos"
     photos.mkdir()
     write_photo(photos / "a.jpg", size=(320, 240), seed=1)

@@ -28,7 +28,15 @@ log = logging.getLogger(__name__)
 
 # name -> "module:Class". Steps are imported lazily so a worker only loads what it runs.
 STEP_REGISTRY: dict[str, str] = {
+    # fraud checks (issue 5, worker/fraud/)
+    "duplicates": "worker.fraud.duplicates:DuplicatesStep",
+    "contact_info": "worker.fraud.contact:ContactInfoStep",
+    "nsfw": "worker.fraud.nsfw:NsfwStep",
+    "tamper": "worker.fraud.tamper:TamperStep",
+    "category": "worker.fraud.category:CategoryStep",
+    "quality": "worker.fraud.quality:QualityStep",
     "metadata": "worker.metadata:MetadataStep",
+    "superres": "worker.superres:SuperResStep",  # issue 4
     "tagging": "worker.tagging:TaggingStep",
     "detection": "worker.detect:DetectionStep",
     "segmentation": "worker.segment:SegmentationStep",

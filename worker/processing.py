@@ -165,7 +165,8 @@ class ImageOutcome:
     steps: list[StepRun] = field(default_factory=list)
 
 
-def begin_attempt(session: Session, image_id: int, max_attempts: int) -> m.Image | None:
+def begin_attempt(session: Session, image_id: int, max_attempts: int,
+                  settings: Settings | None = None) -> m.Image | None:
     """Count an attempt before the work starts, so an image that kills its worker every
     time is failed after ``max_attempts`` instead of looping forever. Returns None when
     there is nothing to do (already finished, deleted, or the listing is deleted)."""
@@ -177,7 +178,7 @@ def begin_attempt(session: Session, image_id: int, max_attempts: int) -> m.Image
     if image.attempts >= max_attempts:
         _finish_image(session, image, status="failed",
                       error=f"gave up after {image.attempts} attempts: the worker died or timed out "
-                            "while processing this image")
+                            "while processing this image", settings=settings)
         return None
     image.attempts += 1
     return image
@@ -188,7 +189,7 @@ def analyze_image(session: Session, image_id: int, settings: Settings, *,
     """Fetch, analyse and store one image. Commits the attempt counter first, then does the
     slow work outside any write lock, then writes everything in one transaction."""
     with session.begin():
-        image = begin_attempt(session, image_id, max_attempts)
+        image = begin_attempt(session, image_id, max_attempts, settings)
         if image is None:
             return ImageOutcome(image_id, "skipped", "not pending")
         url, listing_id = image.url, image.listing_id
@@ -205,14 +206,14 @@ def analyze_image(session: Session, image_id: int, settings: Settings, *,
             if image is None or image.url != url or image.status != "pending":
                 return ImageOutcome(image_id, "skipped", "changed while fetching")
             _clear_results(session, image_id)
-            _finish_image(session, image, status="failed", error=f"{exc.code}: {exc}")
+            _finish_image(session, image, status="failed", error=f"{exc.code}: {exc}", settings=settings)
         return ImageOutcome(image_id, "failed", f"{exc.code}: {exc}")
 
     with session.begin():
         if previously_done and previous_sha == loaded.sha256 and _same_pipeline(session, image_id, settings):
             image = session.get(m.Image, image_id)
             if image is not None and image.status == "pending":
-                _finish_image(session, image, status="done", error=None)
+                _finish_image(session, image, status="done", error=None, settings=settings)
             return ImageOutcome(image_id, "done", "unchanged bytes: previous results kept")
 
         ctx = ImageContext(
@@ -228,7 +229,7 @@ def analyze_image(session: Session, image_id: int, settings: Settings, *,
             return ImageOutcome(image_id, "skipped", "changed while processing")
         _clear_results(session, image_id)
         _store_runs(session, image, loaded, runs, ctx)
-        _finish_image(session, image, status="done", error=None, loaded=loaded)
+        _finish_image(session, image, status="done", error=None, loaded=loaded, settings=settings)
     return ImageOutcome(image_id, "done", steps=runs)
 
 
@@ -302,7 +303,7 @@ def _store_runs(session: Session, image: m.Image, loaded: LoadedImage, runs: lis
 
 
 def _finish_image(session: Session, image: m.Image, *, status: str, error: str | None,
-                  loaded: LoadedImage | None = None) -> None:
+                  loaded: LoadedImage | None = None, settings: Settings | None = None) -> None:
     image.status = status
     image.error = error
     image.processed_at = m.utcnow()
@@ -312,10 +313,10 @@ def _finish_image(session: Session, image: m.Image, *, status: str, error: str |
         image.format = loaded.format
         image.size_bytes = loaded.size_bytes
     session.flush()
-    finish_listing_if_complete(session, image.listing_id)
+    finish_listing_if_complete(session, image.listing_id, settings)
 
 
-def finish_listing_if_complete(session: Session, listing_id: int) -> bool:
+def finish_listing_if_complete(session: Session, listing_id: int, settings: Settings | None = None) -> bool:
     listing = _lock_listing(session, listing_id)
     if listing.status in ("done", "deleted"):
         return listing.status == "done"
@@ -327,7 +328,20 @@ def finish_listing_if_complete(session: Session, listing_id: int) -> bool:
         return False
     listing.status = "done"
     listing.processed_at = m.utcnow()
+    update_fraud_score(session, listing, settings)
     return True
+
+
+def update_fraud_score(session: Session, listing: m.Listing, settings: Settings | None) -> None:
+    """Combine the flags of all the listing's images into one score (worker/fraud/score.py)."""
+    from worker.fraud.score import fraud_score_for_settings
+
+    if settings is None:
+        return
+    session.flush()
+    flags = session.execute(select(m.Flag).where(m.Flag.listing_id == listing.id)).scalars().all()
+    result = fraud_score_for_settings(flags, settings)
+    listing.fraud_score, listing.fraud_decision = result.score, result.decision
 
 
 def stale_images(session: Session, older_than: timedelta, limit: int = 1000) -> list[int]:

@@ -52,7 +52,8 @@ def listing_report(settings: Settings, external_id: str) -> dict[str, Any]:
         return {
             "listing": {"id": listing.external_id, "db_id": listing.id, "seller_id": listing.seller_id,
                         "title": listing.title, "category": listing.category, "status": listing.status,
-                        "processed_at": listing.processed_at},
+                        "processed_at": listing.processed_at,
+                        "fraud_score": listing.fraud_score, "fraud_decision": listing.fraud_decision},
             "images": images,
         }
 
@@ -61,6 +62,8 @@ def render_report(report: dict[str, Any]) -> str:
     lst = report["listing"]
     lines = [f"listing {lst['id']}  seller={lst['seller_id']}  category={lst['category'] or '-'}  "
              f"status={lst['status']}"]
+    if lst.get("fraud_score") is not None:
+        lines.append(f"fraud score {lst['fraud_score']:.2f} -> {lst['fraud_decision']}")
     for img in report["images"]:
         lines.append("")
         lines.append(f"  image {img['id']}  [{img['status']}]  {img['url']}")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_submit_to_embedded_worker(tmp_path: Path) -> None:
     data = tmp_path / "data"
     # Point Redis and Postgres at closed ports: nothing in this path may need a server.
-    env = catalog_env(data_dir=str(data), redis_url="redis://127.0.0.1:1/0")
+    env = catalog_env(data_dir=str(data), redis_url="redis://127.0.0.1:1/0", steps="metadata")
     photos = tmp_path / "photos"
     photos.mkdir()
     a = write_photo(photos / "a.jpg", size=(256, 192), seed=7)

@@ -11,7 +11,7 @@ def test_defaults_are_the_embedded_mode(tmp_path) -> None:  # noqa: ANN001
     s = load_settings(data_dir=tmp_path)
     assert s.effective_database_url == f"sqlite:///{(tmp_path / 'catalog.db').resolve()}"
     assert s.embedded_broker and s.effective_broker_url == "filesystem://"
-    assert s.device == "auto" and s.steps == ["metadata"]
+    assert s.device == "auto" and s.steps[0] == "metadata" and "tagging" in s.steps
 
 
 def test_environment_switches_to_production(monkeypatch: pytest.MonkeyPatch) -> None:
