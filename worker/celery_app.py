@@ -56,7 +56,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         task_time_limit=settings.task_time_limit,
-        task_soft_time_limit=max(settings.task_time_limit - 30, 1),
+        task_soft_time_limit=max(settings.task_time_limit - 30, int(settings.task_time_limit * 0.8)),
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],

@@ -12,7 +12,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CATALOG_"
@@ -260,6 +260,16 @@ class Settings(BaseSettings):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg2:// URL")
         return value
 
+    @model_validator(mode="after")
+    def _visibility_covers_tasks(self) -> Settings:
+        # Redis would hand a still-running task to a second worker otherwise.
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                f"visibility_timeout ({self.visibility_timeout}) must exceed task_time_limit "
+                f"({self.task_time_limit}): set CATALOG_VISIBILITY_TIMEOUT above CATALOG_TASK_TIME_LIMIT"
+            )
+        return self
+
     # --- derived values --------------------------------------------------------------
     @property
     def effective_database_url(self) -> str:
@@ -320,8 +330,10 @@ def parse_allow_entry(entry: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
-        lines.append(f"{ENV_PREFIX}{field.upper()}: {item['msg']} (got {item.get('input')!r})")
+        if item["loc"]:
+            lines.append(f"{ENV_PREFIX}{str(item['loc'][0]).upper()}: {item['msg']} (got {item.get('input')!r})")
+        else:
+            lines.append(item["msg"].removeprefix("Value error, "))
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from worker.pipeline import Detection, ImageContext, StepResult, StepUnavailable, Tag
 from worker.runtime import (
+    torchvision_checkpoint,
     ModelUnavailable,
     Prepared,
     VisionModel,
@@ -290,16 +291,8 @@ class TorchvisionDetector(VisionModel[RawDetections]):
     def _build(self) -> tuple[nn.Module, str]:
         import torchvision.models.detection as detection
 
-        if self.checkpoint is None or not self.checkpoint.is_file():
-            raise ModelUnavailable(
-                f"detector torchvision:{self.builder} needs CATALOG_DETECTOR_CHECKPOINT "
-                f"(got {self.checkpoint}); weights are never downloaded"
-            )
-        build = getattr(detection, self.builder, None)
-        if not callable(build):
-            raise ModelUnavailable(f"torchvision.models.detection has no builder {self.builder!r}")
-        blob = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+        build, blob, state = torchvision_checkpoint(detection, self.builder, self.checkpoint,
+                                                    "CATALOG_DETECTOR_CHECKPOINT")
         if isinstance(blob, dict) and "classes" in blob:
             classes = [str(c) for c in blob["classes"]]
             num_classes = len(classes)

@@ -429,3 +429,21 @@ def _to_cpu_float(output: Any) -> Any:
     if isinstance(output, (tuple, list)):
         return type(output)(_to_cpu_float(value) for value in output)
     return output
+
+
+def torchvision_checkpoint(family: Any, builder: str, checkpoint: Path | None,
+                           variable: str) -> tuple[Callable[..., torch.nn.Module], Any, dict[str, Any]]:
+    """Find ``family.<builder>`` (e.g. torchvision.models.detection) and load a user checkpoint
+    for it. Returns (builder function, the loaded blob, its state_dict). Weights are never
+    downloaded: without the file the model is unavailable, named by its setting."""
+    kind = family.__name__.rsplit(".", 1)[-1]
+    if checkpoint is None or not Path(checkpoint).is_file():
+        raise ModelUnavailable(
+            f"torchvision:{builder} needs {variable} (got {checkpoint}); weights are never downloaded"
+        )
+    build = getattr(family, builder, None)
+    if not callable(build):
+        raise ModelUnavailable(f"torchvision.models.{kind} has no builder {builder!r}")
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    return build, blob, state

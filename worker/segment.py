@@ -30,6 +30,7 @@ from PIL import Image
 
 from worker.pipeline import Artifact, ImageContext, StepResult, StepUnavailable, Tag
 from worker.runtime import (
+    torchvision_checkpoint,
     ModelUnavailable,
     Prepared,
     VisionModel,
@@ -147,16 +148,8 @@ class TorchvisionSegmenter(VisionModel[np.ndarray]):
     def _build(self) -> tuple[torch.nn.Module, str]:
         import torchvision.models.segmentation as segmentation
 
-        if self.checkpoint is None or not self.checkpoint.is_file():
-            raise ModelUnavailable(
-                f"segmenter torchvision:{self.builder} needs CATALOG_SEGMENTER_CHECKPOINT "
-                f"(got {self.checkpoint}); weights are never downloaded"
-            )
-        build = getattr(segmentation, self.builder, None)
-        if not callable(build):
-            raise ModelUnavailable(f"torchvision.models.segmentation has no builder {self.builder!r}")
-        blob = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+        build, blob, state = torchvision_checkpoint(segmentation, self.builder, self.checkpoint,
+                                                    "CATALOG_SEGMENTER_CHECKPOINT")
         if isinstance(blob, dict) and "classes" in blob:
             num_classes = len(blob["classes"])
         else:

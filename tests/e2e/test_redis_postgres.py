@@ -48,6 +48,7 @@ def deployment(tmp_path: Path) -> Iterator[dict]:
         fetch_allow_hosts=server.allow_entry, events_stream="e2e:events",
         dead_letter_stream="e2e:dead", visibility_timeout="10", fetch_retries="0",
         ingest_claim_idle_ms="2000", restore_sweep_seconds="2", steps="metadata",
+        task_time_limit="8",
     )
     dsn = f"host=127.0.0.1 port=5432 user=postgres dbname={name}"
     procs: list[Proc] = []

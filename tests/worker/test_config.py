@@ -40,3 +40,10 @@ def test_allow_entries() -> None:
     assert parse_allow_entry("10.0.0.0/8") == (ipaddress.ip_network("10.0.0.0/8"), None)
     assert parse_allow_entry("127.0.0.1:8080") == (ipaddress.ip_network("127.0.0.1/32"), 8080)
     assert parse_allow_entry("[::1]:81") == (ipaddress.ip_network("::1/128"), 81)
+
+
+def test_visibility_timeout_must_cover_the_longest_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_VISIBILITY_TIMEOUT", "600")
+    monkeypatch.setenv("CATALOG_TASK_TIME_LIMIT", "900")
+    with pytest.raises(ConfigError, match="CATALOG_VISIBILITY_TIMEOUT above CATALOG_TASK_TIME_LIMIT"):
+        get_settings()
