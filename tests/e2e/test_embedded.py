@@ -52,3 +52,40 @@ def test_submit_to_embedded_worker(tmp_path: Path) -> None:
         rows = conn.execute("SELECT status, width, substr(error, 1, 13) FROM images ORDER BY position").fetchall()
         assert rows == [("done", 256, None), ("failed", None, "not_an_image:")]
         assert conn.execute("SELECT count(*) FROM processed_events").fetchone() == (1,)
+
+
+def test_prefork_worker_runs_every_model_step(tmp_path: Path) -> None:
+    """The models load lazily in the forked pool child (never in the Celery parent) and the
+    whole default pipeline runs there."""
+    from skimage import data
+    from PIL import Image
+
+    data_dir = tmp_path / "data"
+    env = catalog_env(data_dir=str(data_dir), torch_threads="1")
+    photo = tmp_path / "coffee.jpg"
+    Image.fromarray(data.coffee()).save(photo, quality=92)
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps({
+        "event_id": "full-1", "type": "listing.created", "occurred_at": datetime.now(timezone.utc).isoformat(),
+        "listing": {"id": "L-full", "seller_id": "s", "category": "kitchenware", "images": [str(photo)]}}) + "\n")
+    assert run_catalog(["submit", str(events)], env).returncode == 0
+
+    worker = Proc(["worker", "--concurrency", "1"], env, tmp_path / "worker.log")
+    db = data_dir / "catalog.db"
+    try:
+        def done() -> bool:
+            with sqlite3.connect(db) as conn:
+                row = conn.execute("SELECT status FROM listings WHERE external_id='L-full'").fetchone()
+            return bool(row) and row[0] == "done"
+
+        wait_for(done, 240, "full pipeline in a prefork child", [worker])
+    finally:
+        worker.stop()
+    with sqlite3.connect(db) as conn:
+        steps = dict(conn.execute("SELECT step, status FROM step_runs").fetchall())
+        tags = {(s, n) for s, n in conn.execute("SELECT source, name FROM tags")}
+        labels = {r[0] for r in conn.execute("SELECT label FROM detections")}
+        kinds = {r[0] for r in conn.execute("SELECT kind FROM artifacts")}
+    assert set(steps.values()) == {"ok"} and "segmentation" in steps and "contact_info" in steps
+    assert ("category-map", "kitchenware") in tags and ("imagenet", "espresso") in tags
+    assert "cup" in labels and "cutout" in kinds
