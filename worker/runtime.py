@@ -447,3 +447,18 @@ def torchvision_checkpoint(family: Any, builder: str, checkpoint: Path | None,
     blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     return build, blob, state
+
+
+def onnx_session(path: Path, device: str, threads: int | None) -> Any:
+    """An onnxruntime session for models that stay on onnxruntime (see docs/vision.md): the
+    CUDA provider when the configured device resolves to CUDA and this onnxruntime build has it,
+    CPU otherwise; ``threads`` (CATALOG_TORCH_THREADS) caps the intra-op threads there too."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if resolve_device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), opts, providers=providers)

