@@ -90,3 +90,18 @@ def test_submit_dead_letters_invalid_events(tmp_path: Path, monkeypatch: pytest.
     events.write_text('{"event_id": "x"}\n')
     result = CliRunner().invoke(main, ["submit", str(events)])
     assert result.exit_code == 0 and "rejected 1" in result.output
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--concurrency", "2"], 4), (["-c", "8"], 1), (["-c8"], 1), (["--pool", "threads", "-c", "8"], 8), ([], 1),
+])
+def test_worker_shares_cores_between_pool_processes(monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                                    expected: int) -> None:
+    from worker.cli import _share_cores
+    from worker.config import get_settings
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("CATALOG_TORCH_THREADS", raising=False)  # restored (removed) afterwards
+    if not args:
+        monkeypatch.setenv("CATALOG_TORCH_THREADS", "1")  # an explicit setting always wins
+    assert _share_cores(get_settings(), args).torch_threads == expected
