@@ -105,3 +105,27 @@ def test_worker_shares_cores_between_pool_processes(monkeypatch: pytest.MonkeyPa
     if not args:
         monkeypatch.setenv("CATALOG_TORCH_THREADS", "1")  # an explicit setting always wins
     assert _share_cores(get_settings(), args).torch_threads == expected
+
+
+def test_models_import_installs_verified_ports(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["models", "import", "waifu2x-photo"])
+    assert result.exit_code == 0, result.output
+    assert "installed" in result.output and "dB vs ncnn" in result.output
+    assert (tmp_path / "models" / "waifu2x-photo.pt").exists()
+    bad = CliRunner().invoke(main, ["models", "import", "no-such-model"])
+    assert bad.exit_code == 2 and "unknown model" in bad.output
+
+
+def test_train_sr_writes_checkpoint_and_metrics(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path / "data"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed in range(4):
+        write_photo(photos / f"p{seed}.jpg", size=(160, 120), seed=seed)
+    result = CliRunner().invoke(main, ["train", "sr", str(photos), "--steps", "3", "--eval-every", "3",
+                                       "--batch-size", "2", "--patch", "32"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout[result.stdout.index("{"):])
+    assert metrics["config"]["steps"] == 3 and metrics["eval_images"]
+    assert (tmp_path / "data" / "models" / "inhouse-x2.pt").exists()

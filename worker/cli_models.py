@@ -37,7 +37,8 @@ def import_cmd(names: tuple[str, ...], dest: str | None, min_psnr: float, no_ver
         click.echo(json.dumps(report, indent=2))
     else:
         for name, row in report.items():
-            psnr = f"{row['psnr_db']:.1f} dB vs ncnn" if row.get("psnr_db") is not None else "not verified"
+            value = row.get("psnr_db")
+            psnr = "not verified" if value is None else f"{float(value):.1f} dB vs ncnn"
             detail = row.get("path") if row["status"] == "installed" else row.get("error", "")
             click.echo(f"{name:20} {row['status']:10} {psnr:18} {detail}")
     if any(row["status"] != "installed" for row in report.values()):
