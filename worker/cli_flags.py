@@ -82,11 +82,12 @@ def list_cmd(status: str | None, kind: str | None, limit: int, as_json: bool) ->
 @click.option("--kind", default=None, help="Only claim flags of this kind.")
 @click.option("--json", "as_json", is_flag=True)
 def claim_cmd(reviewer: str, ttl: int | None, kind: str | None, as_json: bool) -> None:
-    """Claim the oldest open (or expired) flag."""
+    """Claim the most serious open (or expired) flag: fraud weight of its kind x score, then oldest."""
     ttl = ttl if ttl is not None else get_settings().flag_claim_ttl
     try:
         with transaction(_url()) as session:
-            flag = queue.claim_next_flag(session, reviewer, ttl, kind=kind)
+            flag = queue.claim_next_flag(session, reviewer, ttl, kind=kind,
+                                         weights=get_settings().fraud_weights)
     except queue.FlagQueueError as exc:
         raise click.ClickException(str(exc)) from None
     if flag is None:

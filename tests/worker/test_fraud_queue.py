@@ -156,3 +156,26 @@ def test_cli_list_claim_resolve(tmp_path, monkeypatch: pytest.MonkeyPatch) -> No
     assert "dismissed by alice" in out.output
     out = runner.invoke(flags_cli, ["claim", "--reviewer", "alice"])
     assert "queue is empty" in out.output
+
+
+def test_most_serious_flag_is_claimed_first_when_weights_are_given(db_url: str) -> None:
+    from db import models as m
+    from db.session import session_factory
+    from tests.conftest import unique
+    from worker.fraud import queue
+
+    factory = session_factory(db_url)
+    tag = unique("prio")
+    with factory() as s, s.begin():
+        listing = m.Listing(external_id=tag, seller_id="s", title="", status="done")
+        s.add(listing)
+        s.flush()
+        for kind, score in ((f"{tag}-weak", 0.9), (f"{tag}-strong", 0.8), (f"{tag}-weak", 0.2)):
+            s.add(m.Flag(listing_id=listing.id, kind=kind, score=score, evidence={}))
+    weights = {f"{tag}-weak": 0.1, f"{tag}-strong": 0.7}
+    order = []
+    with factory() as s, s.begin():
+        for _ in range(3):
+            flag = queue.claim_next_flag(s, "alice", 60, weights=weights)
+            order.append((flag.kind, flag.score))
+    assert order == [(f"{tag}-strong", 0.8), (f"{tag}-weak", 0.9), (f"{tag}-weak", 0.2)]

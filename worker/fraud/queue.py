@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from db import models as m
@@ -114,9 +114,11 @@ def list_flags(session: Session, *, status: str | None = None, kind: str | None 
 
 
 def claim_next_flag(session: Session, reviewer: str, ttl: int | float | timedelta = 1800, *,
-                    kind: str | None = None) -> FlagView | None:
-    """Give the oldest claimable flag to ``reviewer`` for ``ttl`` seconds; None if the queue
-    is empty. Safe to call from many processes at once."""
+                    kind: str | None = None, weights: dict[str, float] | None = None) -> FlagView | None:
+    """Give the next claimable flag to ``reviewer`` for ``ttl`` seconds; None if the queue
+    is empty. Safe to call from many processes at once. With ``weights`` (the fraud-score
+    weights per kind) the most serious flag goes first (weight x score, then oldest);
+    without, the oldest."""
     if not reviewer or not reviewer.strip():
         raise FlagQueueError("a reviewer name is required")
     ttl = ttl if isinstance(ttl, timedelta) else timedelta(seconds=float(ttl))
@@ -126,7 +128,12 @@ def claim_next_flag(session: Session, reviewer: str, ttl: int | float | timedelt
     pick = select(m.Flag.id).where(_claimable(now))
     if kind:
         pick = pick.where(m.Flag.kind == kind)
-    pick = pick.order_by(m.Flag.created_at, m.Flag.id).limit(1)
+    if weights:
+        priority = case(weights, value=m.Flag.kind, else_=0.0) * m.Flag.score
+        pick = pick.order_by(priority.desc(), m.Flag.created_at, m.Flag.id)
+    else:
+        pick = pick.order_by(m.Flag.created_at, m.Flag.id)
+    pick = pick.limit(1)
     values = {"status": "claimed", "claimed_by": reviewer, "claimed_at": now,
               "claim_expires_at": now + ttl}
 
