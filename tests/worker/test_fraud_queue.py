@@ -179,3 +179,33 @@ def test_most_serious_flag_is_claimed_first_when_weights_are_given(db_url: str) 
             flag = queue.claim_next_flag(s, "alice", 60, weights=weights)
             order.append((flag.kind, flag.score))
     assert order == [(f"{tag}-strong", 0.8), (f"{tag}-weak", 0.9), (f"{tag}-weak", 0.2)]
+
+
+def test_verdict_updates_the_listing_fraud_score(db_url: str, make_settings) -> None:  # noqa: ANN001
+    from db import models as m
+    from db.session import session_factory
+    from tests.conftest import unique
+    from worker.fraud import queue
+    from worker.processing import update_fraud_score
+
+    settings = make_settings(database_url=db_url)
+    factory = session_factory(db_url)
+    kind = unique("verdict")
+    with factory() as s, s.begin():
+        listing = m.Listing(external_id=unique("L"), seller_id="s", title="", status="done")
+        s.add(listing)
+        s.flush()
+        s.add(m.Flag(listing_id=listing.id, kind="duplicate_image", score=1.0, evidence={}))
+        s.add(m.Flag(listing_id=listing.id, kind=kind, score=1.0, evidence={}))
+        update_fraud_score(s, listing, settings)
+        listing_id = listing.id
+    with factory() as s, s.begin():
+        assert s.get(m.Listing, listing_id).fraud_decision == "review"
+        flag = s.query(m.Flag).filter_by(listing_id=listing_id, kind="duplicate_image").one()
+        flag.status, flag.claimed_by = "claimed", "alice"
+        flag.claim_expires_at = m.utcnow() + __import__("datetime").timedelta(minutes=5)
+    with factory() as s, s.begin():
+        queue.resolve_flag(s, flag.id, "alice", "dismissed", "own photo, licensed", settings=settings)
+    with factory() as s:
+        listing = s.get(m.Listing, listing_id)
+        assert listing.fraud_score < 0.5 and listing.fraud_decision == "ok"
