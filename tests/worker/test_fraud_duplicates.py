@@ -136,3 +136,45 @@ def test_without_database_the_step_only_hashes() -> None:
     result = DuplicatesStep().run(context(None, listing, row, b"", img))
     assert result.flags == [] and result.data["searched"] is False
     assert {h["view"] for h in result.data["hashes"]} >= {"full", "c85", "c70", "cut_left"}
+
+
+def test_concurrent_copies_wait_for_each_other_on_postgres() -> None:
+    """Two sellers' copies analysed at the same moment: the second search must see the first."""
+    import threading
+
+    import skimage.data
+    from PIL import Image, ImageOps
+
+    from db.session import session_factory
+    from tests.worker.fraud_support import add_image, context, throwaway_pg
+    from worker.fraud.duplicates import DuplicatesStep
+
+    original = Image.fromarray(skimage.data.astronaut())
+    copy = ImageOps.mirror(original).resize((384, 384))
+    step = DuplicatesStep()
+    with throwaway_pg("fraud_race") as url:
+        factory = session_factory(url)
+        first, second = factory(), factory()
+        with first.begin():
+            l1, r1, raw1 = add_image(first, "seller-a", original)
+        with second.begin():
+            l2, r2, raw2 = add_image(second, "seller-b", copy)
+        tx = first.begin()
+        result_a = step.run(context(first, l1, r1, raw1, original, database_url=url))
+        assert result_a.flags == []
+        out: dict = {}
+
+        def run_second() -> None:
+            with second.begin():
+                out["result"] = step.run(context(second, l2, r2, raw2, copy, database_url=url))
+
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive(), "the second search did not wait for the first image's commit"
+        step.persist(first, first.get(type(r1), r1.id), result_a)
+        tx.commit()
+        thread.join(30)
+        first.close()
+        second.close()
+        assert [f.kind for f in out["result"].flags] == ["duplicate_image"]

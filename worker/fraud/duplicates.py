@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from sqlalchemy import Integer, any_, bindparam, delete, func, insert, select, union_all
+from sqlalchemy import Integer, any_, bindparam, delete, func, insert, select, text, union_all
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
@@ -176,6 +176,30 @@ def describe_edit(match: HashMatch) -> str:
 
 # --- the step -------------------------------------------------------------------------
 
+LOCK_CLASS = 0x64757073  # "dups": advisory-lock namespace of the duplicate search
+
+
+def lock_bands(session: Session, hashes: list[HashValue]) -> None:
+    """Serialise near-duplicates that are processed at the same moment (Postgres).
+
+    Without this, two copies analysed concurrently each search before the other has committed
+    its hashes and neither is flagged. Every image takes a transaction-scoped advisory lock on
+    each 16-bit band value of its query hashes before searching; two images that share a band
+    (the pigeonhole condition the index relies on) therefore run one after the other, and the
+    second one's search sees the first one's committed rows. The locks are taken in one sorted
+    statement, so two images never wait on each other in a cycle; they are released at commit.
+    SQLite needs nothing: its writers are serialised already.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    keys = sorted({(HASH_KINDS.index(h.kind) << 20) | (band << 16) | ((h.value >> (16 * band)) & 0xFFFF)
+                   for h in hashes for band in range(4)})
+    session.execute(
+        text("SELECT count(pg_advisory_xact_lock(:cls, k)) "
+             "FROM (SELECT unnest(CAST(:keys AS int[])) AS k ORDER BY 1) AS ordered"),
+        {"cls": LOCK_CLASS, "keys": keys},
+    )
+
 
 class DuplicatesStep:
     name: ClassVar[str] = "duplicates"
@@ -193,6 +217,7 @@ class DuplicatesStep:
             data["searched"] = False
             return StepResult(data=data)
 
+        lock_bands(ctx.db, query)
         ids = DuplicateIndex.candidates(
             ctx.db, query, exclude_image_id=ctx.image_id,
             neighbours=settings.duplicate_probe_neighbours, limit=settings.duplicate_max_candidates,
