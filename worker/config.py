@@ -23,7 +23,9 @@ CommaList = Annotated[list[str], NoDecode]
 # category feed the duplicate and category-mismatch checks).
 DEFAULT_STEPS = (
     "metadata", "tagging", "detection", "segmentation", "superres",
-    "duplicates", "contact_info", "nsfw", "tamper", "category", "quality",
+    "contact_info", "nsfw", "tamper", "category", "quality",
+    # Last: its search holds advisory locks until the image's results commit.
+    "duplicates",
 )
 
 
