@@ -197,8 +197,9 @@ class VisionModel(ABC, Generic[R]):
             return torch.autocast("cuda", dtype=torch.float16)
         return nullcontext()
 
-    def _forward(self, items: list[Prepared]) -> list[Any]:
-        """One forward pass over ``items``; returns per-item outputs as float32 on the CPU."""
+    def forward_batch(self, items: list[Prepared]) -> list[Any]:
+        """One forward pass over ``items``; returns per-item outputs as float32 on the CPU.
+        Override when items may differ in shape (e.g. super-resolution tiles of several images)."""
         return self._run(self.load(), items)
 
     def _run(self, module: torch.nn.Module, items: list[Prepared]) -> list[Any]:
@@ -210,14 +211,14 @@ class VisionModel(ABC, Generic[R]):
     def predict(self, image: Image.Image) -> R:
         """Direct path: one image, one forward (no batcher)."""
         item = self.prepare(image)
-        return self.postprocess(self._forward([item])[0], item.meta)
+        return self.postprocess(self.forward_batch([item])[0], item.meta)
 
     def predict_batch(self, images: Sequence[Image.Image]) -> list[R]:
         """One forward pass for all ``images`` (any sizes)."""
         if not images:
             return []
         items = [self.prepare(image) for image in images]
-        outputs = self._forward(items)
+        outputs = self.forward_batch(items)
         return [self.postprocess(out, item.meta) for out, item in zip(outputs, items)]
 
     def submit(self, image: Image.Image) -> Future[R]:
@@ -238,7 +239,7 @@ class VisionModel(ABC, Generic[R]):
             with self._lock:
                 if self._batcher is None or not self._batcher.alive:
                     self._batcher = DynamicBatcher(
-                        self._forward, self.postprocess, self.batch_max_size,
+                        self.forward_batch, self.postprocess, self.batch_max_size,
                         self.batch_timeout_ms, name=f"batcher-{self.name}",
                     )
         return self._batcher

@@ -186,7 +186,7 @@ class SRModel(VisionModel[torch.Tensor]):
     def postprocess(self, output: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
         return output
 
-    def _forward(self, items: list[Prepared]) -> list[torch.Tensor]:
+    def forward_batch(self, items: list[Prepared]) -> list[torch.Tensor]:
         module = self.load()
         outputs: list[torch.Tensor | None] = [None] * len(items)
         by_shape: dict[tuple[int, ...], list[int]] = {}
