@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from worker.celery_app import app
-
 from tasks.base import DatabaseTask
+from worker.celery_app import app
 from worker.events import parse_event
 from worker.processing import apply_event
 

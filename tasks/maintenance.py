@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from worker.celery_app import app
-
 from tasks.base import DatabaseTask
+from worker.celery_app import app
 from worker.processing import stale_images
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ downloaded).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +26,7 @@ from torch import nn
 
 from worker.pipeline import Detection, ImageContext, StepResult, StepUnavailable, Tag
 from worker.runtime import (
-    torchvision_checkpoint,
+    ModelStep,
     ModelUnavailable,
     Prepared,
     VisionModel,
@@ -37,6 +36,7 @@ from worker.runtime import (
     model_kwargs,
     package_file,
     to_tensor,
+    torchvision_checkpoint,
 )
 
 # --- Darknet cfg/weights -> torch ----------------------------------------------------------
@@ -354,25 +354,14 @@ def build_detector(settings: Any) -> VisionModel[RawDetections]:
     raise StepUnavailable(f"unknown detector {settings.detector!r} (yolov3-tiny | torchvision:<builder>)")
 
 
-class DetectionStep:
+class DetectionStep(ModelStep[RawDetections]):
     name: ClassVar[str] = "detection"
-    requires: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self) -> None:
-        self._model: VisionModel[RawDetections] | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def version(self) -> str:
-        if self._model is None:
-            from worker.config import get_settings
-
-            self._model = build_detector(get_settings())
-        return self._model.version
+    def build(self, settings: Any) -> VisionModel[RawDetections]:
+        return build_detector(settings)
 
     def run(self, ctx: ImageContext) -> StepResult:
-        with self._lock:
-            model = self._model = build_detector(ctx.settings)
+        model = self.model(ctx.settings)
         raw = model.infer(ctx.image)
         detections = [
             Detection(label, round(float(score), 4), tuple(round(float(v), 1) for v in box))  # type: ignore[arg-type]

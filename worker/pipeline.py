@@ -19,7 +19,6 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from PIL import Image
-
 from sqlalchemy.orm import Session
 
 from worker.config import Settings

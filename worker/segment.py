@@ -18,7 +18,6 @@ the main-image rule.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +29,7 @@ from PIL import Image
 
 from worker.pipeline import Artifact, ImageContext, StepResult, StepUnavailable, Tag
 from worker.runtime import (
-    torchvision_checkpoint,
+    ModelStep,
     ModelUnavailable,
     Prepared,
     VisionModel,
@@ -39,6 +38,7 @@ from worker.runtime import (
     model_kwargs,
     package_file,
     to_tensor,
+    torchvision_checkpoint,
 )
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -372,26 +372,15 @@ def write_cutout(image: Image.Image, mask: np.ndarray, box: tuple[int, int, int,
 # --- step --------------------------------------------------------------------------------------
 
 
-class SegmentationStep:
+class SegmentationStep(ModelStep[np.ndarray]):
     name: ClassVar[str] = "segmentation"
-    requires: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self) -> None:
-        self._model: VisionModel[np.ndarray] | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def version(self) -> str:
-        if self._model is None:
-            from worker.config import get_settings
-
-            self._model = build_segmenter(get_settings())
-        return self._model.version
+    def build(self, settings: Any) -> VisionModel[np.ndarray]:
+        return build_segmenter(settings)
 
     def run(self, ctx: ImageContext) -> StepResult:
         settings = ctx.settings
-        with self._lock:
-            model = self._model = build_segmenter(settings)
+        model = self.model(settings)
         mask = model.infer(ctx.image)
         analysis = analyse_mask(ctx.image, mask, settings.colour_clusters)
         artifacts = []
