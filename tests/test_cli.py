@@ -129,3 +129,9 @@ def test_train_sr_writes_checkpoint_and_metrics(monkeypatch: pytest.MonkeyPatch,
     metrics = json.loads(result.stdout[result.stdout.index("{"):])
     assert metrics["config"]["steps"] == 3 and metrics["eval_images"]
     assert (tmp_path / "data" / "models" / "inhouse-x2.pt").exists()
+
+
+def test_unknown_step_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_STEPS", "metadata,telepathy")
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code != 0 and "CATALOG_STEPS" in result.output and "telepathy" in result.output

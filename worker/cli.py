@@ -33,10 +33,16 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def _settings() -> Settings:
+    from worker.pipeline import validate_steps
+
     try:
-        return get_settings()
+        settings = get_settings()
+        validate_steps(settings.steps)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # an unknown step name
+        raise click.ClickException(f"{ENV_PREFIX}STEPS: {exc}") from None
+    return settings
 
 
 def _ensure_schema(settings: Settings) -> None:
