@@ -79,12 +79,24 @@ class StreamIngestor:
 
     def run(self, burst: bool = False, max_events: int | None = None) -> IngestStats:
         """Consume until stopped (SIGTERM/SIGINT), or, with ``burst``, until the stream has
-        nothing new and nothing pending."""
+        nothing new and nothing pending. Outside burst mode a lost Redis or broker connection
+        is logged and retried with backoff instead of ending the process."""
         self.ensure_group()
         log.info("ingest: stream=%s group=%s consumer=%s", self.stream, self.group, self.consumer)
+        backoff = 0.0
         while not self._stop:
-            handled = self._reclaim()
-            handled += self._read_new(block_ms=200 if burst else self.block_ms)
+            try:
+                handled = self._reclaim()
+                handled += self._read_new(block_ms=200 if burst else self.block_ms)
+            except Exception as exc:  # Redis or the broker is away: nothing was acked, retry
+                if burst:
+                    raise
+                backoff = min(max(backoff * 2, 1.0), 30.0)
+                log.warning("ingest: %s: %s; retrying in %.0f s (unacked entries stay pending)",
+                            type(exc).__name__, exc, backoff)
+                time.sleep(backoff)
+                continue
+            backoff = 0.0
             if max_events is not None and self.stats.queued + self.stats.dead_lettered >= max_events:
                 break
             if burst and handled == 0 and not self._own_pending():

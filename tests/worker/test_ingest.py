@@ -67,3 +67,23 @@ def test_events_written_before_the_group_existed_are_read(redis_client, stream_s
     published = []
     StreamIngestor(redis_client, s, published.append, consumer="c", block_ms=100).run(burst=True)
     assert [e.event_id for e in published] == ["early"]
+
+
+def test_continuous_mode_survives_a_broker_outage(redis_client, stream_settings, monkeypatch) -> None:  # noqa: ANN001
+    import worker.ingest as ingest_mod
+
+    s = stream_settings
+    redis_client.xadd(s.events_stream, {"event": good_event("outage")})
+    calls, published = [], []
+
+    def flaky(event) -> None:  # noqa: ANN001
+        calls.append(event.event_id)
+        if len(calls) == 1:
+            raise ConnectionError("broker restarting")
+        published.append(event.event_id)
+
+    monkeypatch.setattr(ingest_mod.time, "sleep", lambda _s: None)  # no real backoff in the test
+    ingestor = StreamIngestor(redis_client, s, flaky, consumer="c", block_ms=100)
+    # The failed entry stays pending and is claimed again once idle (1 s here).
+    stats = ingestor.run(max_events=1)
+    assert published == ["outage"] and stats.queued == 1
