@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -209,6 +210,25 @@ def analyze_image(session: Session, image_id: int, settings: Settings, *,
             _finish_image(session, image, status="failed", error=f"{exc.code}: {exc}", settings=settings)
         return ImageOutcome(image_id, "failed", f"{exc.code}: {exc}")
 
+    try:
+        return _analyze_loaded(session, image_id, url, listing_id, seller_id, category,
+                               previously_done, previous_sha, loaded, settings)
+    except (OperationalError, IntegrityError):
+        raise  # transient database trouble: the task retries, the image stays pending
+    except Exception as exc:  # a bug must fail this image with a reason, not loop forever
+        log.exception("image %s: internal error while storing results", image_id)
+        reason = f"internal_error: {type(exc).__name__}: {exc}"[:2000]
+        with session.begin():
+            image = session.get(m.Image, image_id)
+            if image is not None and image.status == "pending":
+                _clear_results(session, image_id)
+                _finish_image(session, image, status="failed", error=reason, settings=settings)
+        return ImageOutcome(image_id, "failed", reason)
+
+
+def _analyze_loaded(session: Session, image_id: int, url: str, listing_id: int, seller_id: str,
+                    category: str | None, previously_done: bool, previous_sha: str | None,
+                    loaded: LoadedImage, settings: Settings) -> ImageOutcome:
     with session.begin():
         if previously_done and previous_sha == loaded.sha256 and _same_pipeline(session, image_id, settings):
             image = session.get(m.Image, image_id)

@@ -200,3 +200,33 @@ def test_unchanged_image_is_reanalysed_when_the_pipeline_changed(db_url: str, tm
     again = apply(db_url, event(listing, [a], etype="listing.updated"))
     result = analyze_all(db_url, make_settings(database_url=db_url), again.images_to_analyze)[0]
     assert [r.step for r in result.steps] == ["metadata"]  # really re-ran: metadata is new
+
+
+class _UnstorableStep:
+    """A buggy step: its summary cannot be stored as JSON."""
+
+    name = "unstorable"
+    requires = ()
+    version = "unstorable@1"
+
+    def run(self, ctx):  # noqa: ANN001, ANN201
+        from worker.pipeline import StepResult
+
+        return StepResult(data={"oops": object()})
+
+
+def test_a_bug_while_storing_fails_the_image_with_a_reason(db_url: str, tmp_path: Path, make_settings,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import pipeline
+
+    monkeypatch.setitem(pipeline.STEP_REGISTRY, "unstorable", "tests.worker.test_processing:_UnstorableStep")
+    monkeypatch.setitem(pipeline._instances, "unstorable", _UnstorableStep())
+    settings = make_settings(database_url=db_url, steps=["metadata", "unstorable"])
+    out = apply(db_url, event(unique("L"), [photo(tmp_path / "a.png"), photo(tmp_path / "b.png", (1, 2, 3))]))
+    results = analyze_all(db_url, settings, out.images_to_analyze)
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert results[0].detail.startswith("internal_error: ")
+    with session_factory(db_url)() as session:
+        listing = session.get(m.Listing, out.listing_id)
+        assert listing.status == "done"  # the listing is not stuck in processing
+        assert all(img.error.startswith("internal_error:") for img in listing.images)
