@@ -178,7 +178,7 @@ def begin_attempt(session: Session, image_id: int, max_attempts: int,
         return None
     if image.attempts >= max_attempts:
         _finish_image(session, image, status="failed",
-                      error=f"gave up after {image.attempts} attempts: the worker died or timed out "
+                      error=f"gave_up: gave up after {image.attempts} attempts: the worker died or timed out "
                             "while processing this image", settings=settings)
         return None
     image.attempts += 1

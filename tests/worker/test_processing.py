@@ -166,7 +166,7 @@ def test_image_that_keeps_killing_workers_is_failed_after_max_attempts(db_url: s
     assert result.status == "skipped"
     with factory() as session:
         img = session.get(m.Image, image_id)
-        assert img.status == "failed" and "gave up after 3 attempts" in img.error
+        assert img.status == "failed" and img.error.startswith("gave_up: gave up after 3 attempts")
         assert img.listing.status == "done"
 
 
