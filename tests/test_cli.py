@@ -135,3 +135,17 @@ def test_unknown_step_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("CATALOG_STEPS", "metadata,telepathy")
     result = CliRunner().invoke(main, ["config"])
     assert result.exit_code != 0 and "CATALOG_STEPS" in result.output and "telepathy" in result.output
+
+
+@pytest.mark.parametrize(("args", "device", "cuda", "expected"), [
+    ([], "auto", True, ["--pool", "threads", "--concurrency", "8"]),
+    (["-c", "4"], "auto", True, ["-c", "4", "--pool", "threads"]),
+    (["--pool", "prefork"], "cuda", True, ["--pool", "prefork"]),
+    ([], "auto", False, []),
+    ([], "cpu", True, []),
+])
+def test_gpu_workers_default_to_a_threads_pool(args: list[str], device: str, cuda: bool, expected: list[str]) -> None:
+    from worker.cli import _gpu_pool
+    from worker.config import load_settings
+
+    assert _gpu_pool(load_settings(device=device), list(args), cuda=cuda) == expected

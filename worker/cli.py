@@ -225,7 +225,9 @@ def _passthrough(name: str, help_text: str):  # noqa: ANN202
 @_passthrough("worker", """Start a Celery worker; extra arguments go to `celery worker`.
 
 \b
-Default queues: ingest,gpu,cpu,train (all). Typical production split:
+Default queues: ingest,gpu,cpu,train (all). Where CUDA is visible (and CATALOG_DEVICE is not
+cpu) the default pool is `--pool threads --concurrency 8`: one CUDA context, one copy of each
+model, concurrent tasks batched together. Typical production split:
   catalog worker -Q ingest,cpu --concurrency 8          # CPU boxes
   catalog worker -Q gpu --pool threads --concurrency 8  # one per GPU: threads share one model
                                                         # copy and feed the dynamic batcher
@@ -241,6 +243,7 @@ def worker_cmd(ctx: click.Context) -> None:
         click.echo("\nCelery worker options:\n")
     else:
         _ensure_schema(settings)
+    args = _gpu_pool(settings, args)
     settings = _share_cores(settings, args)
     from worker.celery_app import QUEUES, app
 
@@ -259,6 +262,28 @@ def worker_cmd(ctx: click.Context) -> None:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             args += ["--beat", "--schedule", str(settings.data_dir / "beat-schedule")]
     app.worker_main(["worker", *args])
+
+
+def _cuda_visible() -> bool:
+    # NVML-based check: does not initialise CUDA in this (possibly forking) parent process.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _gpu_pool(settings: Settings, args: list[str], cuda: bool | None = None) -> list[str]:
+    """On a GPU, default to one process with a threads pool: prefork would give every child its
+    own CUDA context and model copies, and threads are what feed the dynamic batcher."""
+    if _option_value(args, "-P", "--pool") is not None or settings.device == "cpu":
+        return args
+    if not (_cuda_visible() if cuda is None else cuda):
+        return args
+    extra = ["--pool", "threads"]
+    if _option_value(args, "-c", "--concurrency") is None:
+        extra += ["--concurrency", str(max(8, settings.batch_max_size))]
+    log.info("CUDA visible: using %s (pass --pool to choose otherwise)", " ".join(extra))
+    return [*args, *extra]
 
 
 def _option_value(args: list[str], short: str, long: str) -> str | None:
