@@ -149,3 +149,19 @@ def test_gpu_workers_default_to_a_threads_pool(args: list[str], device: str, cud
     from worker.config import load_settings
 
     assert _gpu_pool(load_settings(device=device), list(args), cuda=cuda) == expected
+
+
+def test_status_counts_failures_by_code_on_the_embedded_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.support.images import write_not_an_image
+
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CATALOG_STEPS", "metadata")
+    write_photo(tmp_path / "ok.jpg", size=(64, 48))
+    write_not_an_image(tmp_path / "bad.jpg")
+    assert CliRunner().invoke(main, ["process", str(tmp_path / "ok.jpg"), str(tmp_path / "bad.jpg")]).exit_code == 0
+    result = CliRunner().invoke(main, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == {"done": 1, "failed": 1}
+    assert report["failed_images_by_code"] == {"not_an_image": 1}
+    assert report["broker"] == "filesystem" and report["queued"]["gpu"] == 0

@@ -425,6 +425,23 @@ def show_cmd(listing_id: str, as_json: bool) -> None:
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render_report(report))
 
 
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def status_cmd(as_json: bool) -> None:
+    """Backlog and health: listings and images by status, failures by code, open flags by kind,
+    queue depths and the event stream's pending entries and lag."""
+    from worker.status import broker_status, database_status, render
+
+    settings = _settings()
+    _ensure_schema(settings)
+    status = database_status(settings)
+    try:
+        status.update(broker_status(settings))
+    except Exception as exc:  # noqa: BLE001 - still show the database side
+        status["broker_error"] = f"{type(exc).__name__}: {exc}"
+    click.echo(json.dumps(status, indent=2) if as_json else render(status))
+
+
 @main.command("demo")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored results as JSON.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,

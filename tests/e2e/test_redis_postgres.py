@@ -15,7 +15,7 @@ import redis as redis_lib
 
 from db.migrate import upgrade
 from tests.conftest import PG_URL_BASE, REDIS_URL, create_pg_database, drop_pg_database
-from tests.e2e.procs import Proc, catalog_env, wait_for
+from tests.e2e.procs import Proc, catalog_env, run_catalog, wait_for
 from tests.support.http import LocalImageServer
 from tests.support.images import write_not_an_image, write_photo, write_png_bomb, write_truncated_jpeg
 
@@ -131,6 +131,15 @@ def test_events_flow_to_postgres_with_duplicates_and_bad_input(deployment: dict)
     dead = r.xrange("e2e:dead")
     assert len(dead) == 1 and b"event_id" in dead[0][1][b"reason"]
     assert r.xpending("e2e:events", "catalog-ingest")["pending"] == 0
+
+    status = run_catalog(["status", "--json"], d["env"])
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["listings"] == {"done": 3}
+    assert report["failed_images_by_code"] == {"truncated": 1, "not_an_image": 1, "too_many_pixels": 1,
+                                               "blocked_address": 1}
+    assert report["broker"] == "redis" and report["events_stream"]["pending"] == 0
+    assert report["events_stream"]["dead_letters"] == 1
 
 
 def test_worker_killed_mid_task_is_redelivered_without_duplicates(deployment: dict) -> None:
