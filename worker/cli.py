@@ -281,7 +281,7 @@ def _gpu_pool(settings: Settings, args: list[str], cuda: bool | None = None) -> 
         return args
     extra = ["--pool", "threads"]
     if _option_value(args, "-c", "--concurrency") is None:
-        extra += ["--concurrency", str(max(8, settings.batch_max_size))]
+        extra += ["--concurrency", str(max(8, settings.batch_max_size or 8))]
     log.info("CUDA visible: using %s (pass --pool to choose otherwise)", " ".join(extra))
     return [*args, *extra]
 

@@ -169,8 +169,10 @@ class Settings(BaseSettings):
     )
 
     # --- models (vision runtime, tagging, detection, segmentation; see docs/vision.md) -------
-    batch_max_size: int = Field(
-        8, ge=1, description="Dynamic batching: most images per forward pass (1 = no batching)."
+    batch_max_size: int | None = Field(
+        None, ge=1,
+        description="Dynamic batching: most images per forward pass (1 = no batching). Default: "
+        "8 on CUDA, 1 on CPU, where batching measured slower than one image per forward.",
     )
     batch_timeout_ms: float = Field(
         10.0, ge=0, description="Dynamic batching: longest wait for more images after the first, ms."

@@ -366,11 +366,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def batch_size(settings: Any) -> int:
+    """CATALOG_BATCH_MAX_SIZE, or the measured default: 8 on CUDA, 1 on CPU (docs/benchmarks.md:
+    on CPU a batch costs as much per image as single forwards, and the batcher serialises)."""
+    if settings.batch_max_size is not None:
+        return int(settings.batch_max_size)
+    return 8 if resolve_device(settings.device).type == "cuda" else 1
+
+
 def model_kwargs(settings: Any) -> dict[str, Any]:
     """The runtime arguments every model takes from Settings."""
     return {
         "device": settings.device,
-        "batch_max_size": settings.batch_max_size,
+        "batch_max_size": batch_size(settings),
         "batch_timeout_ms": settings.batch_timeout_ms,
         "torch_threads": settings.torch_threads,
     }

@@ -227,7 +227,7 @@ def upscale_image(image: Image.Image, files: ModelFiles, settings: Settings) -> 
         overlap = DEFAULT_OVERLAP.get(files.name, 8)
     window = min(settings.sr_tile + 2 * overlap, max(x.shape[1], x.shape[2]))
     budget = OUTPUT_PIXELS_PER_FORWARD["cuda" if model.device.type == "cuda" else "cpu"]
-    max_batch = max(1, min(settings.batch_max_size, budget // (window * window * files.scale**2)))
+    max_batch = max(1, min(model.batch_max_size, budget // (window * window * files.scale**2)))
     return upscale_tiled(x, run, files.scale, settings.sr_tile, overlap, max_batch=max_batch)
 
 

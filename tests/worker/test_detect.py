@@ -43,7 +43,8 @@ def make_ctx(image: Image.Image, settings: Settings) -> ImageContext:
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return load_settings(device="cpu", data_dir=tmp_path_factory.mktemp("detect"))
+    # Batching on: these tests check the batcher (on CPU it is off by default).
+    return load_settings(device="cpu", data_dir=tmp_path_factory.mktemp("detect"), batch_max_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,12 @@ def test_settings_feed_the_runtime() -> None:
     settings = load_settings(device="cpu", batch_max_size=4, batch_timeout_ms=2.5)
     model = ToyModel(**model_kwargs(settings))
     assert (model.device.type, model.batch_max_size, model.batch_timeout_ms) == ("cpu", 4, 2.5)
-    assert load_settings().batch_max_size == 8 and load_settings().batch_timeout_ms == 10
+    assert load_settings().batch_max_size is None and load_settings().batch_timeout_ms == 10
+    # Unset, the batch size follows the device: batching only pays on a GPU (docs/benchmarks.md).
+    from worker.runtime import batch_size
+
+    assert batch_size(load_settings(device="cpu")) == 1
+    assert batch_size(load_settings(device="cpu", batch_max_size=8)) == 8
 
 
 def test_loads_lazily_once_and_registry_shares_instances() -> None:
