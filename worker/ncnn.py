@@ -188,16 +188,18 @@ def _pads(layer: Layer) -> tuple[int, int, int, int]:
     return left, right, top, bottom
 
 
+def _kernel_geometry(layer: Layer) -> tuple[int, tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Output channels, (kh, kw), dilation (dh, dw) and stride (sh, sw) of a (de)convolution;
+    ncnn stores the height value only when it differs from the width one."""
+    kw, dw, sw = int(layer.get(1, 0)), int(layer.get(2, 1)), int(layer.get(3, 1))
+    return (int(layer.get(0)), (int(layer.get(11, kw)), kw), (int(layer.get(12, dw)), dw),
+            (int(layer.get(13, sw)), sw))
+
+
 class _Conv(nn.Module):
     def __init__(self, layer: Layer, in_channels: int, depthwise: bool = False):
         super().__init__()
-        out = int(layer.get(0))
-        kw = int(layer.get(1, 0))
-        kh = int(layer.get(11, kw))
-        dw = int(layer.get(2, 1))
-        dh = int(layer.get(12, dw))
-        sw = int(layer.get(3, 1))
-        sh = int(layer.get(13, sw))
+        out, (kh, kw), (dh, dw), (sh, sw) = _kernel_geometry(layer)
         groups = int(layer.get(7, 1)) if depthwise else 1
         self.pads = _pads(layer)
         self.pad_value = float(layer.get(18, 0.0))
@@ -216,13 +218,7 @@ class _Conv(nn.Module):
 class _Deconv(nn.Module):
     def __init__(self, layer: Layer, in_channels: int):
         super().__init__()
-        out = int(layer.get(0))
-        kw = int(layer.get(1, 0))
-        kh = int(layer.get(11, kw))
-        dw = int(layer.get(2, 1))
-        dh = int(layer.get(12, dw))
-        sw = int(layer.get(3, 1))
-        sh = int(layer.get(13, sw))
+        out, (kh, kw), (dh, dw), (sh, sw) = _kernel_geometry(layer)
         if layer.get(20, 0) or layer.get(21, 0):
             raise UnsupportedLayer(f"layer {layer.name}: fixed deconvolution output size")
         self.pads = _pads(layer)
