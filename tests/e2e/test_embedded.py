@@ -16,6 +16,14 @@ from tests.support.images import write_not_an_image, write_photo
 pytestmark = pytest.mark.slow
 
 
+def listing_done(db: Path, external_id: str) -> bool:
+    if not db.exists():
+        return False
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT status FROM listings WHERE external_id = ?", (external_id,)).fetchone()
+    return bool(row) and row[0] == "done"
+
+
 def test_submit_to_embedded_worker(tmp_path: Path) -> None:
     data = tmp_path / "data"
     # Point Redis and Postgres at closed ports: nothing in this path may need a server.
@@ -37,14 +45,7 @@ def test_submit_to_embedded_worker(tmp_path: Path) -> None:
     try:
         db = data / "catalog.db"
 
-        def done() -> bool:
-            if not db.exists():
-                return False
-            with sqlite3.connect(db) as conn:
-                row = conn.execute("SELECT status FROM listings WHERE external_id='L-emb'").fetchone()
-            return bool(row) and row[0] == "done"
-
-        wait_for(done, 120, "embedded listing done", [worker])
+        wait_for(lambda: listing_done(db, "L-emb"), 120, "embedded listing done", [worker])
     finally:
         worker.stop()
     with sqlite3.connect(db) as conn:
@@ -73,12 +74,7 @@ def test_prefork_worker_runs_every_model_step(tmp_path: Path) -> None:
     worker = Proc(["worker", "--concurrency", "1"], env, tmp_path / "worker.log")
     db = data_dir / "catalog.db"
     try:
-        def done() -> bool:
-            with sqlite3.connect(db) as conn:
-                row = conn.execute("SELECT status FROM listings WHERE external_id='L-full'").fetchone()
-            return bool(row) and row[0] == "done"
-
-        wait_for(done, 240, "full pipeline in a prefork child", [worker])
+        wait_for(lambda: listing_done(db, "L-full"), 240, "full pipeline in a prefork child", [worker])
     finally:
         worker.stop()
     with sqlite3.connect(db) as conn:
