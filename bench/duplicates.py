@@ -39,7 +39,7 @@ from db import models as m
 from worker.config import load_settings
 from worker.fraud.duplicates import BANDS, DuplicateIndex, DuplicatesStep
 from worker.fraud.fingerprint import fingerprint
-from worker.pipeline import ImageContext, StepResult
+from worker.pipeline.contract import ImageContext, StepResult
 
 ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from worker.tagging import EfficientNetLite0
+from worker.steps.tagging import EfficientNetLite0
 
 
 class Embedder:

@@ -64,8 +64,9 @@ def in_process_latency(url: str, photos: list[str], steps: list[str], data_dir: 
     from db.migrate import upgrade
     from db.session import session_factory
     from worker.config import load_settings
-    from worker.events import parse_event
-    from worker.processing import analyze_image, apply_event
+    from worker.intake.events import parse_event
+    from worker.pipeline.analyze import analyze_image
+    from worker.pipeline.events import apply_event
 
     upgrade(url)
     settings = load_settings(data_dir=data_dir, database_url=url, steps=steps)

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from worker import ncnn
-from worker.sr_train import BENCH_PHOTOS, TRAIN_PHOTOS, psnr_y, sample_photos, ssim_y
-from worker.superres import DEFAULT_OVERLAP, build_module, find_model
-from worker.tiling import upscale_tiled
+from worker.models import ncnn
+from worker.models.tiling import upscale_tiled
+from worker.steps.superres import DEFAULT_OVERLAP, build_module, find_model
+from worker.training.sr import BENCH_PHOTOS, TRAIN_PHOTOS, psnr_y, sample_photos, ssim_y
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from worker.runtime import VisionModel, resolve_device
+from worker.models.runtime import VisionModel, resolve_device
 
 
 def photos() -> list[Image.Image]:
@@ -52,15 +52,15 @@ def photos() -> list[Image.Image]:
 def build(name: str, device: str, batch: int, timeout_ms: float) -> VisionModel[Any]:
     kwargs = {"device": device, "batch_max_size": batch, "batch_timeout_ms": timeout_ms}
     if name == "tagging":
-        from worker.tagging import EfficientNetLite0
+        from worker.steps.tagging import EfficientNetLite0
 
         return EfficientNetLite0(**kwargs)
     if name == "detection":
-        from worker.detect import YoloV3Tiny
+        from worker.steps.detection import YoloV3Tiny
 
         return YoloV3Tiny(**kwargs)
     if name == "segmentation":
-        from worker.segment import U2Netp
+        from worker.steps.segmentation import U2Netp
 
         return U2Netp(**kwargs)
     raise SystemExit(f"unknown model {name!r}")

@@ -269,8 +269,3 @@ class ArtifactRecord(Base):
     height: Mapped[int | None] = mapped_column(Integer)
     model_version: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-
-# Tables owned by capability modules live in their own files; importing them here puts them on
-# Base.metadata for everyone (migrations' autogenerate, tests comparing models to migrations).
-from db import fraud_models as _fraud_models  # noqa: E402,F401

@@ -6,8 +6,8 @@ import logging
 
 from tasks.base import DatabaseTask
 from worker.celery_app import app
-from worker.events import parse_event
-from worker.processing import apply_event
+from worker.intake.events import parse_event
+from worker.pipeline.events import apply_event
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import logging
 
 from tasks.base import DatabaseTask
 from worker.celery_app import app
-from worker.processing import analyze_image as analyze
+from worker.pipeline.analyze import analyze_image as analyze
 
 log = logging.getLogger(__name__)
 

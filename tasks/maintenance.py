@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from tasks.base import DatabaseTask
 from worker.celery_app import app
-from worker.processing import stale_images
+from worker.pipeline.sweep import stale_images
 
 log = logging.getLogger(__name__)
 

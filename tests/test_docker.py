@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from worker.cli import main
+from worker.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

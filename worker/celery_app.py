@@ -18,6 +18,10 @@ from worker.config import Settings, get_settings
 
 QUEUES = ("ingest", "gpu", "cpu", "train")
 
+#: Task names other layers publish by name (they never import tasks/).
+HANDLE_EVENT_TASK = "tasks.events.handle_event"
+ANALYZE_IMAGE_TASK = "tasks.images.analyze_image"
+
 ROUTES = {
     "tasks.events.*": {"queue": "ingest"},
     "tasks.images.*": {"queue": "gpu"},

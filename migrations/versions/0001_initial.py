@@ -9,9 +9,8 @@ Add columns as nullable (or with a server default), never rename or drop in the 
 release that stops using a column.
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001_initial'
 down_revision = None

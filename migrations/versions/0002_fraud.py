@@ -9,9 +9,8 @@ Add columns as nullable (or with a server default), never rename or drop in the 
 release that stops using a column. (This revision only adds a table.)
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = "0002_fraud"
 down_revision = "0001_initial"

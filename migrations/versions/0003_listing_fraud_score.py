@@ -9,9 +9,8 @@ Add columns as nullable (or with a server default), never rename or drop in the 
 release that stops using a column. (Both columns are nullable.)
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = "0003_listing_fraud_score"
 down_revision = "0002_fraud"

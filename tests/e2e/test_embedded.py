@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import Proc, catalog_env, run_catalog, wait_for
 from tests.support.images import write_not_an_image, write_photo
+from tests.support.procs import Proc, catalog_env, run_catalog, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +58,8 @@ def test_submit_to_embedded_worker(tmp_path: Path) -> None:
 def test_prefork_worker_runs_every_model_step(tmp_path: Path) -> None:
     """The models load lazily in the forked pool child (never in the Celery parent) and the
     whole default pipeline runs there."""
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     data_dir = tmp_path / "data"
     env = catalog_env(data_dir=str(data_dir), torch_threads="1")

@@ -15,9 +15,14 @@ import redis as redis_lib
 
 from db.migrate import upgrade
 from tests.conftest import PG_URL_BASE, REDIS_URL, create_pg_database, drop_pg_database
-from tests.e2e.procs import Proc, catalog_env, run_catalog, wait_for
 from tests.support.http import LocalImageServer
-from tests.support.images import write_not_an_image, write_photo, write_png_bomb, write_truncated_jpeg
+from tests.support.images import (
+    write_not_an_image,
+    write_photo,
+    write_png_bomb,
+    write_truncated_jpeg,
+)
+from tests.support.procs import Proc, catalog_env, run_catalog, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from worker.pipeline import Flag, ImageContext, StepResult
+from worker.pipeline.contract import Flag, ImageContext, StepResult
 
 CATEGORY_TAG_SOURCES = ("category-map", "category-head")
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from worker.pipeline import Flag, ImageContext, StepResult, StepUnavailable
+from worker.pipeline.contract import Flag, ImageContext, StepResult, StepUnavailable
 
 # --- detectors (pure functions, testable without OCR) ----------------------------------
 

@@ -26,15 +26,25 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from sqlalchemy import Integer, any_, bindparam, delete, func, insert, select, text, union_all
+from sqlalchemy import (
+    Integer,
+    any_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from db import models as m
 from db.fraud_models import ImageHashBand
 from worker.fraud.fingerprint import HASH_KINDS, HashValue, fingerprint, stored_part
-from worker.hashing import to_signed64, to_unsigned64
-from worker.pipeline import Flag, ImageContext, StepResult
+from worker.io.hashing import to_signed64, to_unsigned64
+from worker.pipeline.contract import Flag, ImageContext, StepResult
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from worker.hashing import dhash, phash
+from worker.io.hashing import dhash, phash
 
 HASH_KINDS = ("phash", "dhash")
 # Central crops kept per image, as the fraction of each side that is kept.

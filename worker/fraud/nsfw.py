@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from worker.pipeline import Flag, ImageContext, StepResult, StepUnavailable
+from worker.pipeline.contract import Flag, ImageContext, StepResult, StepUnavailable
 
 MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
 
@@ -50,7 +50,7 @@ class NsfwModel:
         with cls._lock:
             if cls._session is None:
                 try:
-                    from worker.runtime import onnx_session
+                    from worker.models.common import onnx_session
 
                     cls._session = onnx_session(model_path(), device, threads)
                 except ImportError as exc:

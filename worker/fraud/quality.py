@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from worker.fraud.jpeg import estimate_quality
-from worker.pipeline import Flag, ImageContext, StepResult
+from worker.pipeline.contract import Flag, ImageContext, StepResult
 
 ANALYSIS_SIDE = 512
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from worker.fraud.jpeg import estimate_quality
-from worker.pipeline import Flag, ImageContext, StepResult
+from worker.pipeline.contract import Flag, ImageContext, StepResult
 
 EDITORS = re.compile(
     r"photoshop|gimp|lightroom|affinity|pixelmator|paint\.net|canva|picsart|snapseed|"

@@ -1,0 +1,67 @@
+"""Contact details drawn on a photo are read back (offline PP-OCR) and flagged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import skimage.data
+from PIL import Image, ImageDraw, ImageFont
+
+from tests.support.fraud import context
+from worker.fraud.contact import ContactInfoStep, find_contacts
+
+pytest.importorskip("rapidocr_onnxruntime")
+
+FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
+PHONE, EMAIL = "+44 7911 123456", "deals.shop@gmail.com"
+
+
+def _photo(with_text: bool) -> Image.Image:
+    img = Image.fromarray(skimage.data.coffee()).convert("RGB")
+    if with_text:
+        if not FONT.exists():
+            pytest.skip("DejaVu fonts not installed (apt-get install fonts-dejavu-core)")
+        draw = ImageDraw.Draw(img)
+        font = ImageFont.truetype(str(FONT), 30)
+        draw.text((20, 20), f"Call {PHONE}", font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+        draw.text((20, 330), EMAIL, font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    return img
+
+
+def _run(img: Image.Image):  # noqa: ANN202
+    listing = type("Listing", (), {"id": 1, "seller_id": "s"})()
+    row = type("Row", (), {"id": 1, "url": "u", "sha256": "x"})()
+    return ContactInfoStep().run(context(None, listing, row, b"", img))
+
+
+def test_phone_and_email_on_photo_are_flagged_with_boxes() -> None:
+    result = _run(_photo(with_text=True))
+    assert [f.kind for f in result.flags] == ["contact_info"]
+    matches = result.flags[0].evidence["matches"]
+    found = {(mm["type"], mm["text"]) for mm in matches}
+    assert ("phone", "+447911123456") in found
+    assert ("email", EMAIL) in found
+    phone_box = next(mm["box"] for mm in matches if mm["type"] == "phone")
+    assert phone_box[0] < 60 and phone_box[1] < 60 and phone_box[2] > 250  # top-left line
+
+
+def test_same_photo_without_text_has_no_flag() -> None:
+    result = _run(_photo(with_text=False))
+    assert result.flags == []
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("WhatsApp: 0176 2345 6789", {"messenger", "phone"}),
+    ("visit www.cheap-phones.shop", {"url"}),
+    ("tel. 030/1234567", {"phone"}),
+    ("follow @best_deals_shop", {"handle"}),
+    ("john(at)yahoo(dot)com", {"email"}),
+    ("t.me/cheapdeals", {"messenger"}),
+    ("Size 42 EUR 19.99", set()),
+    ("2024-11-29", set()),
+    ("Model 12345678", set()),
+    ("SALE 50% 0FF", set()),
+])
+def test_detectors(line: str, expected: set[str]) -> None:
+    assert {m.type for m in find_contacts(line)} == expected

@@ -1,0 +1,128 @@
+"""Tagging step on real photos with the shipped EfficientNet-Lite0 weights (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from worker.config import Settings, load_settings
+from worker.pipeline.contract import ImageContext
+from worker.steps.tagging import (
+    EfficientNetLite0,
+    TaggingStep,
+    Taxonomy,
+    imagenet_classes,
+)
+
+CAT_LABELS = {"tiger cat", "tabby", "Egyptian cat", "Persian cat", "Siamese cat"}
+
+
+def make_ctx(image: Image.Image, settings: Settings, image_id: int = 1) -> ImageContext:
+    return ImageContext(
+        image_id=image_id, listing_id=1, seller_id="s", category=None, url="file://x",
+        image=image, raw=b"", source_format="PNG", sha256="0" * 64, settings=settings,
+    )
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return load_settings(device="cpu", data_dir=tmp_path_factory.mktemp("tagging"), batch_max_size=1)
+
+
+@pytest.fixture(scope="module")
+def step(settings: Settings) -> TaggingStep:
+    step = TaggingStep()
+    step._configure(settings)
+    return step
+
+
+@pytest.fixture(scope="module")
+def model(step: TaggingStep) -> EfficientNetLite0:
+    assert isinstance(step._model, EfficientNetLite0)
+    return step._model
+
+
+@pytest.fixture(scope="module")
+def coffee() -> Image.Image:
+    return Image.fromarray(data.coffee())
+
+
+@pytest.fixture(scope="module")
+def chelsea() -> Image.Image:
+    return Image.fromarray(data.chelsea())
+
+
+def test_coffee_is_kitchenware_with_a_cup_label(step: TaggingStep, settings: Settings, coffee: Image.Image) -> None:
+    result = step.run(make_ctx(coffee, settings))
+    labels = {tag.name for tag in result.tags if tag.source == "imagenet"}
+    assert labels & {"espresso", "cup", "coffee mug"}, labels
+    assert result.data["category"]["name"] == "kitchenware"
+    assert result.data["category"]["score"] > 0.5 and result.data["category"]["confident"]
+    assert any(t.name == "kitchenware" and t.source == "category-map" for t in result.tags)
+
+
+def test_chelsea_gets_a_cat_label(step: TaggingStep, settings: Settings, chelsea: Image.Image) -> None:
+    result = step.run(make_ctx(chelsea, settings))
+    labels = [tag.name for tag in result.tags if tag.source == "imagenet"]
+    assert labels[0] in CAT_LABELS, labels
+    assert not result.data["category"]["confident"]  # no catalog category for a cat photo
+
+
+def test_embedding_is_normalised_and_meaningful(model: EfficientNetLite0, coffee: Image.Image,
+                                                chelsea: Image.Image) -> None:
+    width, height = coffee.size
+    variant = coffee.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((20, 10, width - 30, height - 20))
+    a, b, c = (model.predict(image).embedding for image in (coffee, variant, chelsea))
+    assert a.shape == (1280,) and a.dtype == np.float32
+    assert np.linalg.norm(a) == pytest.approx(1.0, abs=1e-5)
+    assert float(a @ b) > 0.85  # same photo, flipped and cropped
+    assert float(a @ c) < 0.4  # coffee vs cat
+
+
+def test_batch_equals_one_by_one_for_different_sizes(model: EfficientNetLite0, coffee: Image.Image,
+                                                     chelsea: Image.Image) -> None:
+    images = [coffee, chelsea.resize((301, 187)), Image.fromarray(data.astronaut()).resize((150, 260))]
+    batched = model.predict_batch(images)
+    for image, together in zip(images, batched):
+        alone = model.predict(image)
+        np.testing.assert_allclose(together.embedding, alone.embedding, atol=1e-5)
+        torch.testing.assert_close(together.probs, alone.probs, atol=1e-5, rtol=1e-4)
+
+
+def test_version_names_model_and_weights(step: TaggingStep) -> None:
+    assert step.version == "efficientnet-lite0-imagenet@57934424"
+
+
+def test_taxonomy_file_is_valid_and_checked(tmp_path: Path) -> None:
+    taxonomy = Taxonomy.load()
+    assert len(taxonomy.names) >= 30 and "kitchenware" in taxonomy.names
+    assert taxonomy.matrix.shape == (len(taxonomy.names), len(imagenet_classes()))
+    bad = tmp_path / "taxonomy.yaml"
+    bad.write_text("categories:\n  mugs: [coffee mug, no such class]\n")
+    with pytest.raises(ValueError, match="no such class"):
+        Taxonomy.load(bad)
+
+
+def test_trained_category_head_replaces_the_map(tmp_path: Path, model: EfficientNetLite0, coffee: Image.Image,
+                                                chelsea: Image.Image) -> None:
+    coffee_vec = torch.from_numpy(model.predict(coffee).embedding)
+    cat_vec = torch.from_numpy(model.predict(chelsea).embedding)
+    head = torch.nn.Linear(1280, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.stack([coffee_vec, cat_vec, torch.zeros(1280)]) * 20)
+        head.bias.zero_()
+    path = tmp_path / "head.pt"
+    torch.save({"state_dict": head.state_dict(), "classes": ["mugs", "pet supplies", "other"]}, path)
+
+    settings = load_settings(device="cpu", data_dir=tmp_path, batch_max_size=1, category_head_path=path)
+    step = TaggingStep()
+    result = step.run(make_ctx(coffee, settings))
+    assert result.data["category"]["name"] == "mugs"
+    assert result.data["category"]["source"] == "category-head"
+    assert {t.source for t in result.tags} == {"imagenet", "category-head"}
+    assert step.version.startswith("efficientnet-lite0-imagenet@57934424+category-head@")

@@ -1,0 +1,102 @@
+"""Commands that work on the configured database directly: process, show, status, demo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from worker.cli.common import IMAGE_SUFFIXES, cli_settings, ensure_schema, setup_logging
+from worker.pipeline.local import run_in_process
+
+
+def _collect_images(paths: tuple[str, ...]) -> list[str]:
+    refs: list[str] = []
+    for raw in paths:
+        if raw.startswith(("http://", "https://", "file://")):
+            refs.append(raw)
+            continue
+        path = Path(raw).expanduser().resolve()
+        if path.is_dir():
+            refs.extend(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            refs.append(str(path))
+        else:
+            raise click.BadParameter(f"{raw} does not exist", param_hint="IMAGE_OR_DIR")
+    if not refs:
+        raise click.BadParameter("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+    return refs
+
+
+@click.command("process")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--seller", default="local", show_default=True, help="Seller id stored on the listing.")
+@click.option("--category", default=None, help="Category the seller claimed.")
+@click.option("--listing-id", default=None, help="Listing id (default: derived from the paths).")
+@click.option("--title", default="", help="Listing title.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored results as JSON.")
+def process_cmd(paths: tuple[str, ...], seller: str, category: str | None, listing_id: str | None,
+                title: str, as_json: bool) -> None:
+    """Run the whole pipeline in this process on IMAGE_OR_DIR... (files, folders, URLs).
+
+    Uses the configured database (default: embedded SQLite under .catalog/) and needs no
+    broker. Running it again on unchanged files re-checks their bytes and keeps the results.
+    """
+    from worker.reports.listing import listing_report, render_report
+
+    settings = cli_settings()
+    setup_logging(settings)
+    ensure_schema(settings)
+    refs = _collect_images(paths)
+    external_id = run_in_process(settings, refs, seller, category, listing_id, title)
+    report = listing_report(settings, external_id)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render_report(report))
+
+
+@click.command("show")
+@click.argument("listing_id")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def show_cmd(listing_id: str, as_json: bool) -> None:
+    """Show what is stored for a listing (by the platform's listing id)."""
+    from worker.reports.listing import listing_report, render_report
+
+    settings = cli_settings()
+    ensure_schema(settings)
+    try:
+        report = listing_report(settings, listing_id)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render_report(report))
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def status_cmd(as_json: bool) -> None:
+    """Backlog and health: listings and images by status, failures by code, open flags by kind,
+    queue depths and the event stream's pending entries and lag."""
+    from worker.reports.status import broker_status, database_status, render
+
+    settings = cli_settings()
+    ensure_schema(settings)
+    status = database_status(settings)
+    try:
+        status.update(broker_status(settings))
+    except Exception as exc:  # noqa: BLE001 - still show the database side
+        status["broker_error"] = f"{type(exc).__name__}: {exc}"
+    click.echo(json.dumps(status, indent=2) if as_json else render(status))
+
+
+@click.command("demo")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored results as JSON.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write the demo photos (default <data_dir>/demo-photos).")
+def demo_cmd(as_json: bool, out: Path | None) -> None:
+    """Process a few real photos that ship inside installed packages and show the results."""
+    from worker.cli.demo import run_demo
+
+    settings = cli_settings()
+    setup_logging(settings)
+    ensure_schema(settings)
+    run_demo(settings, out or settings.data_dir / "demo-photos", as_json=as_json, echo=click.echo)

@@ -1,0 +1,108 @@
+"""`catalog`: the one command-line entry point for every process of the system."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from worker.cli.common import cli_settings, setup_logging
+from worker.config import ENV_PREFIX, Settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="catalog-worker")
+def main() -> None:
+    """catalog-worker: analyse e-commerce listing photos from events.
+
+    \b
+    Embedded mode (default, no servers):  catalog process ./photos   or   catalog demo
+    Production:  CATALOG_DATABASE_URL=postgresql+psycopg2://...  CATALOG_BROKER_URL=redis://...
+                 catalog db upgrade; catalog ingest; catalog worker; catalog beat
+
+    Every setting is an environment variable with the CATALOG_ prefix: see `catalog config`.
+    """
+
+
+@main.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def config_cmd(as_json: bool) -> None:
+    """Show every setting, its environment variable and its effective value."""
+    settings = cli_settings()
+    rows = []
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        rows.append((f"{ENV_PREFIX}{name.upper()}", value, field.description or ""))
+    derived = {
+        "database": settings.effective_database_url,
+        "broker": settings.effective_broker_url,
+        "redis (events)": settings.effective_redis_url,
+        "artifacts": str(settings.effective_artifact_dir),
+    }
+    if as_json:
+        click.echo(json.dumps({"settings": {k: str(v) for k, v, _ in rows}, "effective": derived}, indent=2))
+        return
+    for env, value, desc in rows:
+        click.echo(f"{env:34} = {value!s:40} {desc}")
+    click.echo("\neffective:")
+    for key, value in derived.items():
+        click.echo(f"  {key:15} {value}")
+
+
+@main.group("db")
+def db_group() -> None:
+    """Database schema (Alembic migrations; the only way the schema changes)."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION. Safe to run repeatedly and from several hosts at once
+    (Postgres: an advisory lock serialises concurrent runs)."""
+    from db.migrate import current_revision, upgrade
+
+    settings = cli_settings()
+    setup_logging(settings)
+    url = settings.effective_database_url
+    before = current_revision(url)
+    upgrade(url, revision)
+    after = current_revision(url)
+    if before == after:
+        click.echo(f"database already at {after}")
+    else:
+        click.echo(f"database migrated from {before or 'empty'} to {after}")
+
+
+@db_group.command("current")
+def db_current() -> None:
+    """Print the schema revision of the database and the one this code expects."""
+    from db.migrate import current_revision, head_revision
+
+    url = cli_settings().effective_database_url
+    click.echo(f"database: {current_revision(url) or 'empty'}\ncode:     {head_revision(url)}")
+
+
+@db_group.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION (e.g. `base` drops everything)."""
+    from db.migrate import downgrade
+
+    downgrade(cli_settings().effective_database_url, revision)
+    click.echo(f"downgraded to {revision}")
+
+
+@main.command("events-schema")
+def events_schema_cmd() -> None:
+    """Print the JSON Schema of listing events (docs/events.schema.json)."""
+    from worker.intake.events import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+from worker.cli import flags, local, models, services, train  # noqa: E402  (commands register below)
+
+for _command in (services.ingest_cmd, services.submit_cmd, services.worker_cmd, services.beat_cmd,
+                 local.process_cmd, local.show_cmd, local.status_cmd, local.demo_cmd,
+                 flags.flags, models.models, train.train):
+    main.add_command(_command)

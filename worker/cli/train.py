@@ -1,0 +1,45 @@
+"""`catalog train`: train the models the project owns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from worker.config import get_settings
+
+
+@click.group("train")
+def train() -> None:
+    """Train project-owned models (self-supervised or from reviewed labels)."""
+
+
+@train.command("sr")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--scale", type=click.Choice(["2", "4"]), default="2", show_default=True)
+@click.option("--steps", type=int, default=3000, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--patch", type=int, default=64, show_default=True, help="High-res patch side, pixels.")
+@click.option("--holdout", type=float, default=0.2, show_default=True,
+              help="Fraction (or count, if >= 1) of the photos kept out of training for evaluation.")
+@click.option("--eval-every", type=int, default=1000, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default CATALOG_SR_MODEL_DIR); the `inhouse` SR model is read from there.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_sr_cmd(images: tuple[str, ...], scale: str, steps: int, batch_size: int, patch: int,
+                 holdout: float, eval_every: int, out: str | None, device: str, seed: int) -> None:
+    """Train the compact in-house super-resolution model on IMAGES (files or folders of
+    high-resolution catalog photos), degraded on the fly by downscaling, blur, noise and JPEG.
+    Prints progress, keeps the best checkpoint by held-out PSNR, writes metrics JSON."""
+    from worker.training.sr import list_images, train_sr
+
+    paths: list[Path] = []
+    for item in images:
+        paths.extend(list_images(item))
+    target = out or str(get_settings().effective_sr_model_dir)
+    metrics = train_sr(paths, target, scale=int(scale), steps=steps, batch_size=batch_size, patch=patch,
+                       holdout=holdout if holdout < 1 else int(holdout), eval_every=eval_every,
+                       device=device, seed=seed)
+    click.echo(json.dumps(metrics, indent=2, default=str))

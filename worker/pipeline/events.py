@@ -1,0 +1,149 @@
+"""Apply listing events to the database (idempotently).
+
+* an event id is recorded in ``processed_events`` in the same transaction as its effects, so a
+  redelivered event changes nothing (it only re-announces images still pending);
+* an event older than the last applied one for its listing is recorded as ``stale`` and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from db import models as m
+from worker.intake.events import ListingEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EventOutcome:
+    event_id: str
+    outcome: str  # applied | duplicate | stale
+    listing_id: int | None
+    images_to_analyze: list[int] = field(default_factory=list)
+
+
+def _insert(session: Session, table):  # noqa: ANN001, ANN202 - dialect-specific INSERT
+    return (pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert)(table)
+
+
+def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
+    """Apply one validated event. Call inside a transaction; the caller commits."""
+    inserted = session.execute(
+        _insert(session, m.ProcessedEvent.__table__)
+        .values(
+            event_id=event.event_id,
+            type=event.type,
+            listing_external_id=event.listing.id,
+            occurred_at=event.occurred_at,
+            received_at=m.utcnow(),
+            outcome="applied",
+        )
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(m.ProcessedEvent.event_id)
+    ).first()
+    if inserted is None:
+        return _redelivered(session, event)
+
+    # Make sure the listing row exists, then lock it: concurrent events for one listing
+    # apply one after the other.
+    session.execute(
+        _insert(session, m.Listing.__table__)
+        .values(
+            external_id=event.listing.id,
+            seller_id=event.listing.seller_id,
+            title=event.listing.title,
+            category=event.listing.category,
+            status="pending",
+            created_at=m.utcnow(),
+            updated_at=m.utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["external_id"])
+    )
+    listing = session.execute(
+        select(m.Listing).where(m.Listing.external_id == event.listing.id).with_for_update()
+    ).scalar_one()
+
+    if listing.last_event_at is not None and _aware(listing.last_event_at) > event.occurred_at:
+        session.execute(
+            update(m.ProcessedEvent)
+            .where(m.ProcessedEvent.event_id == event.event_id)
+            .values(outcome="stale")
+        )
+        log.info("event %s is older than the last applied one for listing %s; ignored",
+                 event.event_id, event.listing.id)
+        return EventOutcome(event.event_id, "stale", listing.id)
+
+    listing.last_event_id = event.event_id
+    listing.last_event_at = event.occurred_at
+    if event.type == "listing.deleted":
+        listing.status = "deleted"
+        return EventOutcome(event.event_id, "applied", listing.id)
+
+    listing.seller_id = event.listing.seller_id
+    listing.title = event.listing.title
+    listing.category = event.listing.category
+    to_analyze = _sync_images(session, listing, event.listing.images)
+    if to_analyze:
+        listing.status = "processing"
+        listing.processed_at = None
+    else:
+        listing.status = "done"
+        listing.processed_at = m.utcnow()
+    session.flush()
+    return EventOutcome(event.event_id, "applied", listing.id, to_analyze)
+
+
+def _sync_images(session: Session, listing: m.Listing, refs: list[str]) -> list[int]:
+    """Make the listing's image rows match ``refs``. New URLs get new rows; URLs that stayed
+    are re-checked (the task skips the models when the bytes are unchanged); removed URLs
+    lose their rows and results."""
+    wanted: list[str] = list(dict.fromkeys(refs))  # de-duplicate, keep order
+    existing = {img.url: img for img in listing.images}
+    for url, img in existing.items():
+        if url not in wanted:
+            session.delete(img)
+    ids = []
+    for position, url in enumerate(wanted):
+        img = existing.get(url)
+        if img is None:
+            img = m.Image(listing=listing, url=url, position=position, status="pending")
+            session.add(img)
+        else:
+            img.position = position
+            img.status = "pending"
+            img.error = None
+            img.attempts = 0
+        session.flush()
+        ids.append(img.id)
+    return ids
+
+
+def _redelivered(session: Session, event: ListingEvent) -> EventOutcome:
+    """The event was applied before. Its images may not have been announced (the process
+    died between commit and enqueue), so report the ones still pending."""
+    listing = session.execute(
+        select(m.Listing).where(m.Listing.external_id == event.listing.id)
+    ).scalar_one_or_none()
+    if listing is None:
+        return EventOutcome(event.event_id, "duplicate", None)
+    pending = session.execute(
+        select(m.Image.id).where(m.Image.listing_id == listing.id, m.Image.status == "pending")
+    ).scalars().all()
+    return EventOutcome(event.event_id, "duplicate", listing.id, list(pending))
+
+
+def record_dead_letter(session: Session, source: str, payload: str, reason: str) -> None:
+    session.add(m.DeadLetter(source=source, payload=payload[:100_000], reason=reason))
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite returns naive datetimes; everything we store is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

@@ -1,0 +1,46 @@
+"""Run the whole pipeline in this process, without a broker (`catalog process`, `catalog demo`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import uuid
+from datetime import datetime, timezone
+
+from worker.config import Settings
+
+log = logging.getLogger("catalog")
+
+
+def run_in_process(settings: Settings, refs: list[str], seller: str, category: str | None,
+                   listing_id: str | None, title: str = "", progress: bool = True) -> str:
+    """Run the whole pipeline here, without a broker: apply an event, analyse each image."""
+    from db.session import session_factory
+    from worker.intake.events import ListingEvent
+    from worker.pipeline.analyze import analyze_image
+    from worker.pipeline.events import apply_event
+    from worker.pipeline.registry import validate_steps
+
+    validate_steps(settings.steps)
+    external_id = listing_id or "local-" + hashlib.sha256("\n".join(refs).encode()).hexdigest()[:16]
+    event = ListingEvent.model_validate({
+        "event_id": f"local-{uuid.uuid4()}",
+        "type": "listing.updated",
+        "occurred_at": datetime.now(timezone.utc).isoformat(),
+        "listing": {"id": external_id, "seller_id": seller, "title": title, "category": category,
+                    "images": refs},
+    })
+    factory = session_factory(settings.effective_database_url)
+    with factory() as session, session.begin():
+        outcome = apply_event(session, event)
+    show = progress and sys.stderr.isatty()
+    from tqdm import tqdm
+
+    for image_id in tqdm(outcome.images_to_analyze, desc="images", unit="img", disable=not show):
+        with factory() as session:
+            result = analyze_image(session, image_id, settings, max_attempts=settings.max_attempts)
+        if not show:
+            log.info("image %s: %s %s", image_id, result.status, result.detail)
+    return external_id

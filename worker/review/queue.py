@@ -1,0 +1,206 @@
+"""The reviewers' flag queue: list, claim (with expiry) and resolve flags.
+
+A flag moves ``open -> claimed -> confirmed | dismissed``. A claim lasts ``ttl`` seconds; an
+expired claim is claimable again, so a reviewer who walks away never blocks a flag.
+
+Claiming is atomic on both databases:
+
+* Postgres: ``SELECT ... FOR UPDATE SKIP LOCKED`` picks the oldest claimable flag that no
+  other transaction is claiming right now, so concurrent reviewers never wait on each
+  other and never get the same flag;
+* SQLite: one guarded ``UPDATE ... WHERE id = (SELECT ...) RETURNING`` statement; SQLite runs
+  one writer at a time, so the statement cannot interleave with another claim.
+
+All functions work in the caller's session and transaction; the caller commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy.orm import Session
+
+from db import models as m
+
+VERDICTS = ("confirmed", "dismissed")
+
+
+class FlagQueueError(Exception):
+    """A queue operation was refused; the message says why in reviewer terms."""
+
+
+class FlagNotFound(FlagQueueError):
+    pass
+
+
+class FlagNotHeld(FlagQueueError):
+    """The reviewer tried to resolve a flag they have not claimed (or whose claim expired)."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _claimable(now: datetime):  # noqa: ANN202 - SQL expression
+    return or_(
+        m.Flag.status == "open",
+        and_(m.Flag.status == "claimed", m.Flag.claim_expires_at < now),
+    )
+
+
+@dataclass(frozen=True)
+class FlagView:
+    """A flag as a reviewer sees it (plain data, safe to use after the session closes)."""
+
+    id: int
+    listing_id: int
+    image_id: int | None
+    kind: str
+    score: float
+    status: str
+    evidence: dict[str, Any]
+    created_at: datetime | None
+    claimed_by: str | None
+    claim_expires_at: datetime | None
+    reviewed_by: str | None
+    reviewed_at: datetime | None
+    note: str | None
+
+    @classmethod
+    def of(cls, flag: m.Flag) -> FlagView:
+        return cls(flag.id, flag.listing_id, flag.image_id, flag.kind, flag.score, flag.status,
+                   dict(flag.evidence or {}), _aware(flag.created_at), flag.claimed_by,
+                   _aware(flag.claim_expires_at), flag.reviewed_by, _aware(flag.reviewed_at), flag.note)
+
+    @property
+    def claim_expired(self) -> bool:
+        return self.status == "claimed" and self.claim_expires_at is not None and self.claim_expires_at <= _now()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for key in ("created_at", "claim_expires_at", "reviewed_at"):
+            out[key] = out[key].isoformat() if out[key] else None
+        out["claim_expired"] = self.claim_expired
+        return out
+
+
+def list_flags(session: Session, *, status: str | None = None, kind: str | None = None,
+               listing_id: int | None = None, limit: int = 100) -> list[FlagView]:
+    """Flags, oldest first. ``status='claimable'`` lists what ``claim_next_flag`` can hand out."""
+    stmt = select(m.Flag)
+    if status == "claimable":
+        stmt = stmt.where(_claimable(_now()))
+    elif status:
+        if status not in m.FLAG_STATUSES:
+            raise FlagQueueError(f"unknown status {status!r}; use one of "
+                                 f"{', '.join(m.FLAG_STATUSES + ('claimable',))}")
+        stmt = stmt.where(m.Flag.status == status)
+    if kind:
+        stmt = stmt.where(m.Flag.kind == kind)
+    if listing_id is not None:
+        stmt = stmt.where(m.Flag.listing_id == listing_id)
+    stmt = stmt.order_by(m.Flag.created_at, m.Flag.id).limit(limit)
+    return [FlagView.of(f) for f in session.execute(stmt).scalars()]
+
+
+def claim_next_flag(session: Session, reviewer: str, ttl: int | float | timedelta = 1800, *,
+                    kind: str | None = None, weights: dict[str, float] | None = None) -> FlagView | None:
+    """Give the next claimable flag to ``reviewer`` for ``ttl`` seconds; None if the queue
+    is empty. Safe to call from many processes at once. With ``weights`` (the fraud-score
+    weights per kind) the most serious flag goes first (weight x score, then oldest);
+    without, the oldest."""
+    if not reviewer or not reviewer.strip():
+        raise FlagQueueError("a reviewer name is required")
+    ttl = ttl if isinstance(ttl, timedelta) else timedelta(seconds=float(ttl))
+    if ttl.total_seconds() <= 0:
+        raise FlagQueueError("the claim TTL must be positive")
+    now = _now()
+    pick = select(m.Flag.id).where(_claimable(now))
+    if kind:
+        pick = pick.where(m.Flag.kind == kind)
+    if weights:
+        priority = case(weights, value=m.Flag.kind, else_=0.0) * m.Flag.score
+        pick = pick.order_by(priority.desc(), m.Flag.created_at, m.Flag.id)
+    else:
+        pick = pick.order_by(m.Flag.created_at, m.Flag.id)
+    pick = pick.limit(1)
+    values = {"status": "claimed", "claimed_by": reviewer, "claimed_at": now,
+              "claim_expires_at": now + ttl}
+
+    if session.get_bind().dialect.name == "postgresql":
+        flag_id = session.execute(pick.with_for_update(skip_locked=True)).scalar_one_or_none()
+        if flag_id is None:
+            return None
+        session.execute(update(m.Flag).where(m.Flag.id == flag_id).values(**values))
+    else:
+        stmt = (update(m.Flag)
+                .where(m.Flag.id == pick.scalar_subquery(), _claimable(now))
+                .values(**values)
+                .returning(m.Flag.id))
+        flag_id = session.execute(stmt).scalar_one_or_none()
+        if flag_id is None:
+            return None
+    flag = session.get(m.Flag, flag_id, populate_existing=True)
+    return FlagView.of(flag)
+
+
+def release_flag(session: Session, flag_id: int, reviewer: str) -> FlagView:
+    """Give a claimed flag back to the queue without a verdict."""
+    flag = _held(session, flag_id, reviewer)
+    flag.status, flag.claimed_by, flag.claimed_at, flag.claim_expires_at = "open", None, None, None
+    session.flush()
+    return FlagView.of(flag)
+
+
+def resolve_flag(session: Session, flag_id: int, reviewer: str, verdict: str,
+                 note: str | None = None, settings: Any = None) -> FlagView:
+    """Record the reviewer's verdict on a flag they hold, plus a row in ``reviews``. With
+    ``settings``, the listing's fraud score is recomputed (a verdict overrides the model)."""
+    if verdict not in VERDICTS:
+        raise FlagQueueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
+    flag = _held(session, flag_id, reviewer)
+    now = _now()
+    flag.status = verdict
+    flag.reviewed_by = reviewer
+    flag.reviewed_at = now
+    flag.note = note
+    flag.claim_expires_at = None
+    session.add(m.Review(flag_id=flag.id, listing_id=flag.listing_id, image_id=flag.image_id,
+                         reviewer=reviewer, kind="flag_verdict", verdict=verdict, note=note,
+                         created_at=now))
+    session.flush()
+    if settings is not None:
+        from worker.pipeline.store import update_fraud_score
+
+        update_fraud_score(session, session.get(m.Listing, flag.listing_id), settings)
+    return FlagView.of(flag)
+
+
+def _held(session: Session, flag_id: int, reviewer: str) -> m.Flag:
+    """The flag, locked, if ``reviewer`` holds an unexpired claim on it; else a clear error."""
+    flag = session.execute(
+        select(m.Flag).where(m.Flag.id == flag_id).with_for_update()
+    ).scalar_one_or_none()
+    if flag is None:
+        raise FlagNotFound(f"flag {flag_id} does not exist")
+    if flag.status in VERDICTS:
+        raise FlagNotHeld(f"flag {flag_id} was already {flag.status} by {flag.reviewed_by}")
+    if flag.status != "claimed":
+        raise FlagNotHeld(f"flag {flag_id} is {flag.status}: claim it first (flags claim)")
+    if flag.claimed_by != reviewer:
+        raise FlagNotHeld(f"flag {flag_id} is claimed by {flag.claimed_by}, not {reviewer}")
+    expires = _aware(flag.claim_expires_at)
+    if expires is not None and expires <= _now():
+        raise FlagNotHeld(f"your claim on flag {flag_id} expired at {expires.isoformat()}; "
+                          "claim it again")
+    return flag
