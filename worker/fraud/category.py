@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
+from worker.config import Settings
 from worker.pipeline.contract import Flag, ImageContext, StepResult
 
 CATEGORY_TAG_SOURCES = ("category-map", "category-head")
@@ -44,7 +45,11 @@ def predicted_category(data: dict[str, Any]) -> tuple[str | None, float, bool]:
 class CategoryStep:
     name: ClassVar[str] = "category"
     requires: ClassVar[tuple[str, ...]] = ("tagging",)
-    version = "category@1"
+    VERSION: ClassVar[str] = "category@1"
+
+    def version(self, settings: Settings) -> str:
+        """A rules-only step: the version changes when its rules do."""
+        return self.VERSION
 
     def run(self, ctx: ImageContext) -> StepResult:
         tagging = ctx.results.get("tagging")

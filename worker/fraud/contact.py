@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from worker.config import Settings
 from worker.pipeline.contract import Flag, ImageContext, StepResult, StepUnavailable
 
 # --- detectors (pure functions, testable without OCR) ----------------------------------
@@ -182,7 +183,11 @@ def _rows(lines: list[OcrLine]) -> list[list[OcrLine]]:
 class ContactInfoStep:
     name: ClassVar[str] = "contact_info"
     requires: ClassVar[tuple[str, ...]] = ()
-    version = "contact@1:pp-ocrv4(rapidocr-onnxruntime 1.4.4)"
+    VERSION: ClassVar[str] = "contact@1:pp-ocrv4(rapidocr-onnxruntime 1.4.4)"
+
+    def version(self, settings: Settings) -> str:
+        """A rules-only step: the version changes when its rules do."""
+        return self.VERSION
 
     def run(self, ctx: ImageContext) -> StepResult:
         rgb = np.asarray(ctx.image.convert("RGB"))

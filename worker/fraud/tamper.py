@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from worker.config import Settings
 from worker.fraud.jpeg import estimate_quality
 from worker.pipeline.contract import Flag, ImageContext, StepResult
 
@@ -74,7 +75,11 @@ def error_level(image: Image.Image) -> dict[str, Any]:
 class TamperStep:
     name: ClassVar[str] = "tamper"
     requires: ClassVar[tuple[str, ...]] = ()
-    version = "tamper@1:ela-q90+exif-software"
+    VERSION: ClassVar[str] = "tamper@1:ela-q90+exif-software"
+
+    def version(self, settings: Settings) -> str:
+        """A rules-only step: the version changes when its rules do."""
+        return self.VERSION
 
     def run(self, ctx: ImageContext) -> StepResult:
         software = editor_software(ctx.raw)

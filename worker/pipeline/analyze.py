@@ -133,12 +133,12 @@ def _same_pipeline(session: Session, image_id: int, settings: Settings) -> bool:
         select(m.StepRunRecord.step, m.StepRunRecord.model_version)
         .where(m.StepRunRecord.image_id == image_id)
     )}
-    wanted = {(name, _version_of(name)) for name in settings.steps}
+    wanted = {(name, _version_of(name, settings)) for name in settings.steps}
     return stored == wanted
 
 
-def _version_of(name: str) -> str:
+def _version_of(name: str, settings: Settings) -> str:
     try:
-        return get_step(name).version
+        return get_step(name).version(settings)
     except Exception:  # noqa: BLE001 - a step that cannot even report a version
         return "unknown"

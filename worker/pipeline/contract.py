@@ -101,9 +101,9 @@ class Step(Protocol):
     # Names of steps whose results this step reads from ctx.results.
     requires: ClassVar[tuple[str, ...]]
 
-    @property
-    def version(self) -> str:
-        """Model name and version, recorded with every output (e.g. 'yolov3-tiny-coco@1')."""
+    def version(self, settings: Settings) -> str:
+        """Model name and weights digest under these settings, recorded with every output
+        (e.g. 'yolov3-tiny-coco@1a2b3c4d'). May raise StepUnavailable."""
         ...
 
     def run(self, ctx: ImageContext) -> StepResult: ...

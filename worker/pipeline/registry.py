@@ -7,6 +7,7 @@ import importlib
 import logging
 import time
 
+from worker.config import Settings
 from worker.pipeline.contract import ImageContext, Step, StepRun, StepUnavailable
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,13 @@ def run_steps(ctx: ImageContext, names: list[str]) -> list[StepRun]:
                                 error=f"{type(exc).__name__}: {exc}"))
             continue
         ctx.results[name] = result
-        runs.append(StepRun(name, step.version, "ok", _ms_since(started), result=result))
+        runs.append(StepRun(name, step.version(ctx.settings), "ok", _ms_since(started), result=result))
     return runs
 
 
-def _safe_version(step: Step) -> str:
+def _safe_version(step: Step, settings: Settings) -> str:
     try:
-        return step.version
+        return step.version(settings)
     except Exception:  # a step whose model is missing may not know its version
         return "unknown"
 

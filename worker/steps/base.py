@@ -32,10 +32,5 @@ class ModelStep(Generic[R]):
             self._model = self.build(settings)
             return self._model
 
-    @property
-    def version(self) -> str:
-        if self._model is None:
-            from worker.config import get_settings
-
-            self.model(get_settings())
-        return self._model.version  # type: ignore[union-attr]
+    def version(self, settings: Any) -> str:
+        return self.model(settings).version

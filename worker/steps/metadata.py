@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from worker.config import Settings
 from worker.io.hashing import dhash, phash, to_hex
 from worker.pipeline.contract import ImageContext, StepResult
 
@@ -11,7 +12,11 @@ from worker.pipeline.contract import ImageContext, StepResult
 class MetadataStep:
     name: ClassVar[str] = "metadata"
     requires: ClassVar[tuple[str, ...]] = ()
-    version = "metadata@1"
+    VERSION: ClassVar[str] = "metadata@1"
+
+    def version(self, settings: Settings) -> str:
+        """A rules-only step: the version changes when its rules do."""
+        return self.VERSION
 
     def run(self, ctx: ImageContext) -> StepResult:
         width, height = ctx.image.size

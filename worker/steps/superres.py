@@ -243,15 +243,10 @@ class SuperResStep:
     def __init__(self) -> None:
         self._versions: dict[Path, str] = {}
         self._lock = threading.Lock()
-        self._settings: Settings | None = None
 
-    @property
-    def version(self) -> str:
+    def version(self, settings: Settings) -> str:
         """Every model this configuration may use, each with its weights hash (the model
         actually applied to an image is in the result's ``data["models"]``)."""
-        from worker.config import get_settings
-
-        settings = self._settings or get_settings()
         names = sorted({f.name + "@" + self._digest(f.weights)
                         for scale in (2, 4)
                         for f in plan(settings, 1 if scale == 4 else settings.effective_sr_target_side // 2)})
@@ -268,7 +263,7 @@ class SuperResStep:
             return self._versions[path]
 
     def run(self, ctx: ImageContext) -> StepResult:
-        settings = self._settings = ctx.settings
+        settings = ctx.settings
         width, height = ctx.image.size
         short = min(width, height)
         if short >= settings.sr_min_side:

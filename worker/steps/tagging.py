@@ -219,12 +219,8 @@ class TaggingStep:
         self._taxonomy = None if self._head else Taxonomy.load(settings.taxonomy_path)
         self._settings_key = key
 
-    @property
-    def version(self) -> str:
-        if self._model is None:
-            from worker.config import get_settings
-
-            self._configure(get_settings())
+    def version(self, settings: Any) -> str:
+        self._configure(settings)
         assert self._model is not None
         version = self._model.version
         return f"{version}+{self._head.version}" if self._head else version

@@ -149,5 +149,5 @@ def test_torchvision_detector_needs_a_checkpoint(tmp_path: Path, dog: Image.Imag
                              detector_checkpoint=checkpoint, detection_score_threshold=0.0)
     step = DetectionStep()
     result = step.run(make_ctx(dog.resize((320, 240)), settings))
-    assert step.version.startswith(f"torchvision-{builder}@")
+    assert step.version(settings).startswith(f"torchvision-{builder}@")
     assert all(d.label in ("mug", "shoe") for d in result.detections)

@@ -188,7 +188,7 @@ def test_step_writes_x2_artifact(tmp_path: Path, model_dir: Path) -> None:
     assert artifact.path.parent == ctx.artifact_dir
     assert result.data["scale"] == 2 and result.data["models"][0].startswith("waifu2x-photo@")
     assert original.tobytes() == before  # the original is untouched
-    assert "waifu2x-photo@" in step.version
+    assert "waifu2x-photo@" in step.version(ctx.settings)
 
 
 def test_step_unavailable_without_weights(tmp_path: Path) -> None:

@@ -94,8 +94,8 @@ def test_batch_equals_one_by_one_for_different_sizes(model: EfficientNetLite0, c
         torch.testing.assert_close(together.probs, alone.probs, atol=1e-5, rtol=1e-4)
 
 
-def test_version_names_model_and_weights(step: TaggingStep) -> None:
-    assert step.version == "efficientnet-lite0-imagenet@57934424"
+def test_version_names_model_and_weights(step: TaggingStep, settings: Settings) -> None:
+    assert step.version(settings) == "efficientnet-lite0-imagenet@57934424"
 
 
 def test_taxonomy_file_is_valid_and_checked(tmp_path: Path) -> None:
@@ -125,4 +125,4 @@ def test_trained_category_head_replaces_the_map(tmp_path: Path, model: Efficient
     assert result.data["category"]["name"] == "mugs"
     assert result.data["category"]["source"] == "category-head"
     assert {t.source for t in result.tags} == {"imagenet", "category-head"}
-    assert step.version.startswith("efficientnet-lite0-imagenet@57934424+category-head@")
+    assert step.version(settings).startswith("efficientnet-lite0-imagenet@57934424+category-head@")
