@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         description="Private/loopback addresses allowed anyway: IPs or CIDRs, optionally with :port "
         "(e.g. 10.0.0.0/8,127.0.0.1:8080).",
     )
+    fetch_allow_dirs: CommaList = Field(
+        default_factory=list,
+        description="Directories local image paths and file:// URLs may be read from (comma-separated; "
+        "default: none, so events cannot read the worker's files). Symlinks are resolved before the "
+        "check; /proc, /sys, /dev and non-regular files are refused anyway. `catalog process` and "
+        "`catalog demo` add the paths they are given.",
+    )
     max_pixels: int = Field(50_000_000, gt=0, description="Largest decoded image accepted, pixels.")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
@@ -243,7 +250,7 @@ class Settings(BaseSettings):
         None, description="Imported/trained SR weights (`catalog models import`). Default <data_dir>/models."
     )
 
-    @field_validator("steps", "fetch_allow_hosts", mode="before")
+    @field_validator("steps", "fetch_allow_hosts", "fetch_allow_dirs", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -256,6 +263,18 @@ class Settings(BaseSettings):
         for entry in value:
             parse_allow_entry(entry)
         return value
+
+    @field_validator("fetch_allow_dirs")
+    @classmethod
+    def _check_allow_dirs(cls, value: list[str]) -> list[str]:
+        # Resolved once here so a later chdir or a swapped symlink cannot widen the allowance.
+        resolved = []
+        for entry in value:
+            path = Path(entry).expanduser()
+            if not path.is_dir():
+                raise ValueError(f"{entry!r} is not an existing directory")
+            resolved.append(str(path.resolve()))
+        return resolved
 
     @field_validator("database_url")
     @classmethod
