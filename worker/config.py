@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     stale_after: int = Field(
         900, ge=10, description="Images pending longer than this are re-queued by the reconcile beat task."
     )
+    db_retry_for: int = Field(
+        900, ge=0,
+        description="Seconds a task keeps retrying while the database is unreachable (exponential "
+        "backoff with full jitter, at most 60 s apart) before it gives up; an image left pending "
+        "then is re-queued by the stale sweep.",
+    )
 
     # --- compute -------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
