@@ -3,9 +3,17 @@
 Delivery guarantees: an entry is acknowledged (XACK) only after its task was handed to the
 broker, so a crash between the two re-delivers the entry instead of losing it (at least once;
 the event id makes the second delivery harmless). Entries a dead consumer left pending are
-taken over with XAUTOCLAIM once they have been idle for ``ingest_claim_idle_ms``. An entry
-that is not a valid event is copied to the dead-letter stream with the reason, then
-acknowledged: it never blocks the stream.
+taken over with XAUTOCLAIM once they have been idle for ``ingest_claim_idle_ms``.
+
+An entry that is not a valid event, for whatever reason (no ``event`` field, binary
+garbage, too large, too deeply nested, wrong types, or an exception nobody anticipated), is
+copied to the dead-letter stream with a code and the reason, then acknowledged, in one
+MULTI: it is dead-lettered exactly once and never blocks the entries after it.
+
+Consumers left in the group by dead ``catalog ingest`` processes are deleted once their
+pending entries were claimed: with no pending entry and idle for longer than
+``dead_consumer_idle_ms``, checked and deleted atomically in one Lua script so an entry
+can never be delivered to a consumer between the check and the delete (which would lose it).
 """
 
 from __future__ import annotations
@@ -18,13 +26,47 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from worker.config import Settings
-from worker.intake.events import InvalidEvent, ListingEvent, parse_event
+from worker.intake.events import (
+    MAX_EVENT_BYTES,
+    NO_EVENT_FIELD,
+    UNPARSEABLE,
+    InvalidEvent,
+    ListingEvent,
+    parse_event,
+    printable,
+)
 
 log = logging.getLogger(__name__)
+
+#: A consumer with nothing pending and idle this long belongs to a dead process (a live
+#: one reads every few seconds). Overridden by ``Settings.ingest_dead_consumer_idle_ms``
+#: where that setting exists.
+DEAD_CONSUMER_IDLE_MS = 600_000
+#: How often a running ingest looks for dead consumers.
+CONSUMER_CLEANUP_INTERVAL_S = 60.0
+#: Longest reason written to a dead letter (many validation errors can add up).
+MAX_REASON_CHARS = 2000
+
+# Check and delete in one atomic step: the consumer cannot receive an entry in between.
+# ARGV: group, the caller's own consumer name (never deleted), idle threshold in ms.
+_DELETE_DEAD_CONSUMERS = """
+local deleted = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[2] and tonumber(info['pending']) == 0
+      and tonumber(info['idle']) >= tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(deleted, info['name'])
+  end
+end
+return deleted
+"""
 
 Publish = Callable[[ListingEvent], None]
 
@@ -34,6 +76,7 @@ class IngestStats:
     queued: int = 0
     dead_lettered: int = 0
     reclaimed: int = 0
+    consumers_removed: int = 0
 
 
 def default_consumer_name() -> str:
@@ -54,7 +97,12 @@ def celery_publisher() -> Publish:
 
 class StreamIngestor:
     def __init__(self, client: redis.Redis, settings: Settings, publish: Publish,
-                 consumer: str | None = None, batch: int = 50, block_ms: int = 2000) -> None:
+                 consumer: str | None = None, batch: int = 50, block_ms: int = 2000,
+                 dead_consumer_idle_ms: int | None = None) -> None:
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            # Decoding happens while the reply is read: one binary entry would make every
+            # read fail before the entry could be dead-lettered.
+            raise ValueError("the ingest Redis client must not decode responses (decode_responses=False)")
         self.client = client
         self.settings = settings
         self.publish = publish
@@ -63,8 +111,12 @@ class StreamIngestor:
         self.consumer = consumer or default_consumer_name()
         self.batch = batch
         self.block_ms = block_ms
+        if dead_consumer_idle_ms is None:
+            dead_consumer_idle_ms = getattr(settings, "ingest_dead_consumer_idle_ms", DEAD_CONSUMER_IDLE_MS)
+        self.dead_consumer_idle_ms = dead_consumer_idle_ms
         self.stats = IngestStats()
         self._stop = False
+        self._next_cleanup = 0.0
 
     def ensure_group(self) -> None:
         try:
@@ -89,6 +141,7 @@ class StreamIngestor:
         while not self._stop:
             try:
                 handled = self._reclaim()
+                self._cleanup_consumers_when_due()
                 handled += self._read_new(block_ms=200 if burst else self.block_ms)
             except Exception as exc:  # Redis or the broker is away: nothing was acked, retry
                 if burst:
@@ -128,9 +181,38 @@ class StreamIngestor:
             if start in (b"0-0", "0-0") or not entries:
                 return handled
 
+    def _cleanup_consumers_when_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_cleanup:
+            return
+        self._next_cleanup = now + CONSUMER_CLEANUP_INTERVAL_S
+        try:
+            self.remove_dead_consumers()
+        except redis.ResponseError as exc:  # e.g. EVAL not permitted for this user: housekeeping only
+            log.warning("ingest: cannot remove dead consumers: %s", exc)
+
+    def remove_dead_consumers(self) -> list[str]:
+        """Delete the group's consumers that have nothing pending and have been idle for
+        ``dead_consumer_idle_ms``, never this one; return their names.
+
+        Run after ``_reclaim``: that takes over a dead consumer's pending entries, and
+        this then removes the consumer. A live consumer that happens to be removed while
+        it is quiet loses nothing (it had nothing pending) and is re-created by its next read.
+        """
+        names = self.client.eval(_DELETE_DEAD_CONSUMERS, 1, self.stream, self.group, self.consumer,
+                                 self.dead_consumer_idle_ms)
+        removed = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names or []]
+        if removed:
+            self.stats.consumers_removed += len(removed)
+            log.info("removed %d dead consumer(s) from group %s: %s", len(removed), self.group,
+                     ", ".join(removed))
+        return removed
+
     def _read_new(self, block_ms: int) -> int:
-        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                       count=self.batch, block=block_ms)
+        # redis-py types replies loosely (sync and async share the stubs): this one is a list
+        # of [stream, [(entry id, fields)...]].
+        reply: Any = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                            count=self.batch, block=block_ms)
         handled = 0
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -138,31 +220,47 @@ class StreamIngestor:
                 handled += 1
         return handled
 
-    def _handle(self, entry_id: bytes | str, fields: dict) -> None:
+    def _handle(self, entry_id: bytes | str, fields: dict[Any, Any]) -> None:
         raw = fields.get(b"event", fields.get("event"))
         try:
             if raw is None:
-                raise InvalidEvent("stream entry has no 'event' field")
+                raise InvalidEvent("stream entry has no 'event' field", NO_EVENT_FIELD)
             event = parse_event(raw)
         except InvalidEvent as exc:
-            self._dead_letter(entry_id, raw, str(exc))
+            self._dead_letter(entry_id, raw, exc.code, str(exc))
+            return
+        except Exception as exc:  # a payload nobody anticipated must not block the stream
+            log.exception("entry %r could not be parsed", entry_id)
+            self._dead_letter(entry_id, raw, UNPARSEABLE, f"cannot be parsed: {type(exc).__name__}: {exc}")
             return
         # If publishing fails we do not ack: the entry stays pending and is claimed again.
         self.publish(event)
         self.client.xack(self.stream, self.group, entry_id)
         self.stats.queued += 1
 
-    def _dead_letter(self, entry_id: bytes | str, raw: object, reason: str) -> None:
-        payload = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else json.dumps(raw)
+    def _dead_letter(self, entry_id: bytes | str, raw: object, code: str, reason: str) -> None:
+        if raw is None:
+            payload = b""
+        elif isinstance(raw, (bytes, str)):
+            payload = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+        else:
+            payload = json.dumps(raw).encode()
+        size = len(payload)
         ident = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        reason = printable(reason)
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[:MAX_REASON_CHARS] + "..."
         pipe = self.client.pipeline(transaction=True)
+        # The payload is copied byte for byte (Redis strings are binary-safe), so it can be
+        # replayed after a fix; only an oversized one is cut, at the event size limit.
         pipe.xadd(self.settings.dead_letter_stream,
-                  {"source_id": ident, "stream": self.stream, "reason": reason,
-                   "payload": payload or "", "at": str(time.time())})
+                  {"source_id": ident, "stream": self.stream, "code": code, "reason": reason,
+                   "payload": payload[:MAX_EVENT_BYTES], "payload_size": str(size),
+                   "at": str(time.time())})
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
         self.stats.dead_lettered += 1
-        log.warning("dead-lettered entry %s: %s", ident, reason)
+        log.warning("dead-lettered entry %s (%s): %s", ident, code, reason)
 
 
 def run_ingest(settings: Settings, burst: bool = False, max_events: int | None = None,
