@@ -34,7 +34,7 @@ MAX_IMAGES_PER_LISTING = 50
 #: Longest image reference accepted, in characters (signed CDN URLs run to ~2 KiB).
 MAX_IMAGE_REF_LENGTH = 4096
 #: Largest event accepted, in bytes of UTF-8 JSON. An event that uses every field limit to
-#: the full with 4-byte characters written as plain UTF-8 still fits (about 0.85 MiB).
+#: the full with 4-byte characters written as plain UTF-8 still fits (about 0.82 MiB).
 MAX_EVENT_BYTES = 1024 * 1024
 #: Deepest nesting of JSON arrays/objects accepted. A valid event needs 3
 #: (event -> listing -> images); the rest leaves room for extra fields producers add.

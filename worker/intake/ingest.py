@@ -249,7 +249,7 @@ class StreamIngestor:
         ident = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         reason = printable(reason)
         if len(reason) > MAX_REASON_CHARS:
-            reason = reason[:MAX_REASON_CHARS] + "..."
+            reason = reason[:MAX_REASON_CHARS - 3] + "..."
         pipe = self.client.pipeline(transaction=True)
         # The payload is copied byte for byte (Redis strings are binary-safe), so it can be
         # replayed after a fix; only an oversized one is cut, at the event size limit.

@@ -203,3 +203,16 @@ def test_schema_tells_producers_the_limits() -> None:
     refs = listing["images"]["items"]
     assert refs["minLength"] == 1 and refs["maxLength"] == MAX_IMAGE_REF_LENGTH
     assert refs["pattern"] == "^[^\\u0000]*$" and listing["title"]["pattern"] == refs["pattern"]
+
+
+def test_docs_name_every_dead_letter_code_and_limit() -> None:
+    from worker.intake import events
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "events.md").read_text()
+    codes = [events.NO_EVENT_FIELD, events.TOO_LARGE, events.TOO_DEEP, events.NOT_JSON, events.NOT_AN_OBJECT,
+             events.INVALID, events.UNPARSEABLE]
+    for code in codes:
+        assert f"| `{code}` |" in text, code
+    assert f"{MAX_EVENT_BYTES:,} bytes" in text and f"at most {MAX_EVENT_DEPTH}" in text
+    assert f"at most {MAX_IMAGE_REF_LENGTH:,} characters" in text
+    assert f"Up to {MAX_IMAGES_PER_LISTING} references" in text
