@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from tasks.base import DatabaseTask
-from worker.celery_app import app
+from tasks.images import analyze_image
+from worker.celery_app import HANDLE_EVENT_TASK, app
 from worker.intake.events import parse_event
 from worker.pipeline.events import apply_event
 
 log = logging.getLogger(__name__)
 
 
-@app.task(bind=True, base=DatabaseTask, name="tasks.events.handle_event")
-def handle_event(self: DatabaseTask, event: dict) -> dict:
+@app.task(bind=True, base=DatabaseTask, name=HANDLE_EVENT_TASK)
+def handle_event(self: DatabaseTask, event: dict[str, Any]) -> dict[str, Any]:
     parsed = parse_event(event)
-    with self.open_session() as session:
-        with session.begin():
-            outcome = apply_event(session, parsed)
-    from tasks.images import analyze_image
-
+    with self.open_session() as session, session.begin():
+        outcome = apply_event(session, parsed)
     for image_id in outcome.images_to_analyze:
         analyze_image.delay(image_id)
     log.info("event %s (%s): %s, %d image(s) queued", parsed.event_id, parsed.type,

@@ -21,6 +21,7 @@ QUEUES = ("ingest", "gpu", "cpu", "train")
 #: Task names other layers publish by name (they never import tasks/).
 HANDLE_EVENT_TASK = "tasks.events.handle_event"
 ANALYZE_IMAGE_TASK = "tasks.images.analyze_image"
+REQUEUE_STALE_TASK = "tasks.maintenance.requeue_stale_images"
 
 ROUTES = {
     "tasks.events.*": {"queue": "ingest"},
@@ -73,7 +74,7 @@ def make_celery(settings: Settings) -> Celery:
         timezone="UTC",
         beat_schedule={
             "requeue-stale-images": {
-                "task": "tasks.maintenance.requeue_stale_images",
+                "task": REQUEUE_STALE_TASK,
                 "schedule": 300.0,
             },
         },
