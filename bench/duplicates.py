@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -37,9 +38,11 @@ import db.fraud_models  # noqa: F401  (registers image_hash_bands)
 from bench.dupdata import TRANSFORMS, load_pool
 from db import models as m
 from worker.config import load_settings
-from worker.fraud.duplicates import BANDS, DuplicateIndex, DuplicatesStep
+from worker.fraud.duplicates import BANDS, DuplicatesStep
 from worker.fraud.fingerprint import fingerprint
 from worker.pipeline.contract import ImageContext, StepResult
+from worker.pipeline.duplicates import DuplicateIndex, DuplicatesWriter
+from worker.pipeline.writers import WriteContext
 
 ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
@@ -62,10 +65,11 @@ def drop_db(name: str) -> None:
 class Catalog:
     """Just enough of the worker's persistence to register images and query them."""
 
-    def __init__(self, session: Session, settings) -> None:  # noqa: ANN001
+    def __init__(self, session: Session, settings) -> None:
         self.s = session
         self.settings = settings
         self.step = DuplicatesStep()
+        self.writer = DuplicatesWriter()
         self.n = 0
 
     def _rows(self, seller: str, img: Image.Image) -> tuple[m.Listing, m.Image, bytes]:
@@ -86,16 +90,14 @@ class Catalog:
              embedding: np.ndarray | None) -> ImageContext:
         ctx = ImageContext(image_id=row.id, listing_id=listing.id, seller_id=listing.seller_id,
                            category=None, url=row.url, image=img, raw=raw, source_format="PNG",
-                           sha256=row.sha256, settings=self.settings, db=self.s)
+                           sha256=row.sha256 or "", settings=self.settings)
         if embedding is not None:
             ctx.results["tagging"] = StepResult(embedding=embedding)
         return ctx
 
     def register(self, seller: str, img: Image.Image, embedding: np.ndarray | None) -> int:
         listing, row, raw = self._rows(seller, img)
-        result = StepResult(data={"hashes": [
-            {"kind": h.kind, "view": h.view, "value": f"{h.value:016x}"} for h in fingerprint(img)]})
-        self.step.persist(self.s, row, result)
+        DuplicateIndex.store(self.s, row.id, fingerprint(img))
         if embedding is not None:
             self.s.add(m.Embedding(image_id=row.id, model_version="bench", dim=embedding.size,
                                    vector=embedding.astype("<f4").tobytes()))
@@ -103,11 +105,15 @@ class Catalog:
         return row.id
 
     def query(self, seller: str, img: Image.Image, embedding: np.ndarray | None) -> tuple[StepResult, float]:
-        """Run the step on a new upload without storing it (each query is independent)."""
+        """Run the step and its writer (the search) on a new upload, then forget it (each
+        query is independent)."""
         sp = self.s.begin_nested()
         listing, row, raw = self._rows(seller, img)
         started = time.perf_counter()
         result = self.step.run(self._ctx(listing, row, raw, img, embedding))
+        wctx = WriteContext(session=self.s, image_id=row.id, listing_id=listing.id,
+                            seller_id=listing.seller_id, settings=self.settings)
+        result = self.writer.write(wctx, result)
         elapsed = (time.perf_counter() - started) * 1000
         sp.rollback()
         return result, elapsed
@@ -118,16 +124,19 @@ def accuracy(url: str, use_embedding: bool) -> dict:
     pool = load_pool()
     random.Random(5).shuffle(pool)
     originals, distractors, negatives = pool[:40], pool[40:52], pool[52:]
-    embed = None
+    embed: Callable[[Image.Image], np.ndarray] | None = None
+    embed_many: Callable[[list[Image.Image]], list[np.ndarray]] | None = None
     if use_embedding:
         from bench.embed import Embedder
         embedder = Embedder()
 
-        def embed(img: Image.Image) -> np.ndarray:
+        def _embed(img: Image.Image) -> np.ndarray:
             return embedder([img])[0]
 
-        def embed_many(imgs: list[Image.Image]) -> list[np.ndarray]:
+        def _embed_many(imgs: list[Image.Image]) -> list[np.ndarray]:
             return [v for i in range(0, len(imgs), 16) for v in embedder(imgs[i:i + 16])]
+
+        embed, embed_many = _embed, _embed_many
 
     engine = create_engine(url)
     m.Base.metadata.create_all(engine)
@@ -138,17 +147,18 @@ def accuracy(url: str, use_embedding: bool) -> dict:
         cat = Catalog(s, settings)
         orig_ids = {}
         for name, img in originals:
-            orig_ids[name] = cat.register("seller-A", img, embed(img) if embed else None)
-        for i, (name, img) in enumerate(distractors):
-            cat.register(f"seller-C{i}", img, embed(img) if embed else None)
+            orig_ids[name] = cat.register("seller-A", img, embed(img) if embed is not None else None)
+        for i, (_name, img) in enumerate(distractors):
+            cat.register(f"seller-C{i}", img, embed(img) if embed is not None else None)
         s.commit()
         for tname, tf in TRANSFORMS.items():
             r = results[tname]
             copies = [tf(img, rnd) for _, img in originals]
             neg_copies = [tf(img, rnd) for _, img in negatives]
-            vecs = embed_many(copies) if embed else [None] * len(copies)
-            neg_vecs = embed_many(neg_copies) if embed else [None] * len(neg_copies)
-            for (name, img), copy, vec in zip(originals, copies, vecs):
+            vecs: list[np.ndarray | None] = list(embed_many(copies)) if embed_many is not None else [None] * len(copies)
+            neg_vecs: list[np.ndarray | None] = (list(embed_many(neg_copies)) if embed_many is not None
+                                                 else [None] * len(neg_copies))
+            for (name, _img), copy, vec in zip(originals, copies, vecs, strict=True):
                 res, ms = cat.query("seller-B", copy, vec)
                 timings.append(ms)
                 flags = [f for f in res.flags if f.kind == "duplicate_image"]
@@ -162,7 +172,7 @@ def accuracy(url: str, use_embedding: bool) -> dict:
                         print(f"  wrong match {tname} {name}: {flags[0].evidence['summary']}", file=sys.stderr)
                 same, _ = cat.query("seller-A", copy, vec)
                 r["same_seller_flags"] += int(any(f.kind == "duplicate_image" for f in same.flags))
-            for (name, img), copy, vec in zip(negatives, neg_copies, neg_vecs):
+            for (name, _img), copy, vec in zip(negatives, neg_copies, neg_vecs, strict=True):
                 res, ms = cat.query("seller-B", copy, vec)
                 timings.append(ms)
                 r["negatives"] += 1
@@ -181,7 +191,7 @@ def print_accuracy(acc: dict, label: str) -> list[str]:
              f"{acc['step_ms_median']:.0f} ms per image on Postgres (search + hashing).", "",
              "| transformation | recall | precision | false flags | same-seller flags |",
              "|---|---|---|---|---|"]
-    totals = defaultdict(int)
+    totals: defaultdict[str, int] = defaultdict(int)
     for tname, r in acc["per_transform"].items():
         rec = r["tp"] / r["positives"]
         flagged = r["tp"] + r["fp"]
@@ -200,7 +210,7 @@ def print_accuracy(acc: dict, label: str) -> list[str]:
 # --- latency ---------------------------------------------------------------------------
 
 
-def _copy_random(conn, start: int, count: int, rng: np.random.Generator) -> None:  # noqa: ANN001
+def _copy_random(conn, start: int, count: int, rng: np.random.Generator) -> None:
     raw = conn.connection.dbapi_connection
     cur = raw.cursor()
     chunk = 250_000

@@ -1,5 +1,5 @@
 """Helpers shared by the fraud tests: a throwaway migrated Postgres database, listing/image
-rows, and a step context built the way ``worker.processing`` builds it."""
+rows, and a step context built the way ``worker.pipeline.analyze`` builds it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import io
 import uuid
 from collections.abc import Iterator
 
-from PIL import Image
+from PIL import Image, ImageOps
 from sqlalchemy.orm import Session
 
 import db.fraud_models  # noqa: F401  (registers image_hash_bands on Base.metadata)
@@ -47,13 +47,34 @@ def add_image(session: Session, seller: str, img: Image.Image) -> tuple[m.Listin
     return listing, row, raw
 
 
-def context(session: Session | None, listing: m.Listing, row: m.Image, raw: bytes,
-            img: Image.Image, category: str | None = None, **settings: object) -> ImageContext:
+def step_context(listing: m.Listing, row: m.Image, raw: bytes, img: Image.Image,
+                 category: str | None = None, **settings: object) -> ImageContext:
+    """What a step sees for this listing/image row (no database: steps never get one)."""
     return ImageContext(
         image_id=row.id, listing_id=listing.id, seller_id=listing.seller_id, category=category,
-        url=row.url, image=img.convert("RGB"), raw=raw, source_format="PNG", sha256=row.sha256,
-        settings=load_settings(**settings), db=session,
+        url=row.url, image=img.convert("RGB"), raw=raw, source_format="PNG", sha256=row.sha256 or "",
+        settings=load_settings(**settings),
     )
+
+
+def context(no_session: None, listing: m.Listing, row: m.Image, raw: bytes, img: Image.Image,
+            category: str | None = None, **settings: object) -> ImageContext:
+    """Old spelling of :func:`step_context` (its first argument was a session; steps no longer
+    get one). Kept until tests/worker/fraud/test_checks.py and test_contact.py switch."""
+    if no_session is not None:
+        raise TypeError("steps no longer get a database session; use step_context()")
+    return step_context(listing, row, raw, img, category, **settings)
+
+
+def stolen_copy(img: Image.Image) -> Image.Image:
+    """What a copier does: crop a strip, mirror, shrink, re-compress hard, add a frame."""
+    w, h = img.size
+    out = ImageOps.mirror(img.crop((0, 0, w, round(h * 0.85))))
+    out = out.resize((out.width * 2 // 3, out.height * 2 // 3), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=35)
+    out = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return ImageOps.expand(out, border=20, fill=(255, 255, 255))
 
 
 def add_flags(session: Session, count: int, kind: str = "duplicate_image") -> list[int]:

@@ -3,9 +3,15 @@
 Every capability (metadata, tagging, detection, segmentation, super-resolution, fraud
 checks) is one module exposing a class that satisfies :class:`Step`. A step receives the
 decoded image plus what earlier steps produced, and returns a :class:`StepResult`; it never
-touches the database. Persisting results, idempotency and transactions live in
-``worker.processing`` so that adding a capability is a matter of adding a module and naming
-it in ``STEP_REGISTRY`` (and ``CATALOG_STEPS``).
+touches the database (this module does not even import it) and runs while no database
+transaction is open. Storing results, idempotency and transactions live in
+``worker.pipeline`` (``analyze``, ``store``), so adding a capability is a matter of adding a
+module and naming it in ``STEP_REGISTRY`` (and ``CATALOG_STEPS``).
+
+A step whose result needs more than the generic rows (tags, detections, flags, artifacts,
+embedding, ``step_runs``), or needs to look at what is already stored (the duplicate search),
+hands what it computed to a ``ResultWriter`` (``worker.pipeline.writers``) through
+:attr:`StepResult.handoff`; the writer runs inside the transaction that stores the image.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from PIL import Image
-from sqlalchemy.orm import Session
 
 from worker.config import Settings
 
@@ -68,11 +73,15 @@ class StepResult:
     embedding: np.ndarray | None = None
     # JSON-serialisable summary, stored in step_runs.output (shown by `catalog process`).
     data: dict[str, Any] = field(default_factory=dict)
+    # In-memory input for the step's ResultWriter (worker/pipeline/writers.py), e.g. the
+    # duplicate step's query hashes; never stored as such. None for steps without a writer.
+    handoff: Any = None
 
 
 @dataclass
 class ImageContext:
-    """What a step sees: one decoded RGB image and its listing."""
+    """What a step sees: one decoded RGB image and its listing. No database session: steps
+    run between the transaction that claims the image and the one that stores its results."""
 
     image_id: int
     listing_id: int
@@ -85,9 +94,6 @@ class ImageContext:
     sha256: str
     settings: Settings
     results: dict[str, StepResult] = field(default_factory=dict)
-    # The session of the transaction that will store this image's results. Steps may READ
-    # through it (e.g. duplicate search); writes belong in the optional ``persist`` hook.
-    db: Session | None = None
 
     @property
     def artifact_dir(self) -> Path:

@@ -1,4 +1,7 @@
 """The step registry and the runner that applies the configured steps to one image.
+
+A step that stores more than the generic rows also has a writer in
+``worker.pipeline.writers.WRITER_REGISTRY`` (same step name).
 """
 
 from __future__ import annotations
@@ -56,39 +59,43 @@ def validate_steps(names: list[str]) -> None:
 
 def run_steps(ctx: ImageContext, names: list[str]) -> list[StepRun]:
     """Run the configured steps in order. A failing or unavailable step is recorded and the
-    next one still runs; steps whose requirements did not succeed are skipped."""
+    next one still runs; steps whose requirements did not succeed are skipped. No database
+    is involved: the caller runs this with no transaction open."""
     runs: list[StepRun] = []
+    settings = ctx.settings
     for name in names:
         step = get_step(name)
         missing = [req for req in step.requires if req not in ctx.results]
         if missing:
             runs.append(
-                StepRun(name, _safe_version(step), "skipped", 0.0,
+                StepRun(name, safe_version(step, settings), "skipped", 0.0,
                         error=f"needs {', '.join(missing)}, which did not produce a result")
             )
             continue
         started = time.perf_counter()
         try:
             result = step.run(ctx)
+            version = step.version(settings)  # after run: a model step knows it once loaded
         except StepUnavailable as exc:
-            runs.append(StepRun(name, _safe_version(step), "unavailable",
+            runs.append(StepRun(name, safe_version(step, settings), "unavailable",
                                 _ms_since(started), error=str(exc)))
             log.warning("step %s unavailable: %s", name, exc)
             continue
         except Exception as exc:  # one broken step must not lose the others' output
             log.exception("step %s failed on image %s", name, ctx.image_id)
-            runs.append(StepRun(name, _safe_version(step), "failed", _ms_since(started),
+            runs.append(StepRun(name, safe_version(step, settings), "failed", _ms_since(started),
                                 error=f"{type(exc).__name__}: {exc}"))
             continue
         ctx.results[name] = result
-        runs.append(StepRun(name, step.version(ctx.settings), "ok", _ms_since(started), result=result))
+        runs.append(StepRun(name, version, "ok", _ms_since(started), result=result))
     return runs
 
 
-def _safe_version(step: Step, settings: Settings) -> str:
+def safe_version(step: Step, settings: Settings) -> str:
+    """The step's version, or "unknown" when it cannot tell (e.g. its model is missing)."""
     try:
         return step.version(settings)
-    except Exception:  # a step whose model is missing may not know its version
+    except Exception:  # noqa: BLE001 - any failure here means the same: no version to record
         return "unknown"
 
 

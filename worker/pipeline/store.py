@@ -1,23 +1,29 @@
-"""Store an image's results and finish images and listings.
+"""Store an image's results and finish images and listings (inside the caller's transaction).
 
 * an image's results are replaced as a whole inside one transaction (old rows deleted, new rows
-  inserted), so re-running an image never duplicates rows;
+  inserted in bulk: one INSERT per table, not one per row), so re-running an image never
+  duplicates rows;
 * "is the listing finished?" is decided while holding the listing row lock, so two images that
   finish at the same moment cannot both miss (or both take) the transition.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from db import models as m
 from worker.config import Settings
+from worker.fraud.score import fraud_score_for_settings
 from worker.io.hashing import to_signed64
 from worker.io.load import LoadedImage
-from worker.pipeline.contract import ImageContext, StepRun
-from worker.pipeline.registry import get_step
+from worker.pipeline.contract import StepRun
+
+# Tables holding one image's results, replaced as a whole when the image is analysed again.
+RESULT_TABLES = (m.Tag, m.Detection, m.StepRunRecord, m.ArtifactRecord, m.Embedding)
 
 
 def lock_listing(session: Session, listing_id: int) -> m.Listing:
@@ -27,58 +33,55 @@ def lock_listing(session: Session, listing_id: int) -> m.Listing:
 
 
 def clear_results(session: Session, image_id: int) -> None:
-    for model in (m.Tag, m.Detection, m.StepRunRecord, m.ArtifactRecord, m.Embedding):
+    for model in RESULT_TABLES:
         session.execute(delete(model).where(model.image_id == image_id))
     # Reviewed flags are history: only flags nobody has looked at are replaced.
     session.execute(delete(m.Flag).where(m.Flag.image_id == image_id, m.Flag.status == "open"))
 
 
-def store_runs(session: Session, image: m.Image, loaded: LoadedImage, runs: list[StepRun],
-                ctx: ImageContext) -> None:
+def store_runs(session: Session, image: m.Image, runs: list[StepRun]) -> None:
+    """Insert the generic rows of every step run (call after :func:`clear_results`)."""
     reviewed = set(session.execute(
         select(m.Flag.kind).where(m.Flag.image_id == image.id, m.Flag.status != "open")
     ).scalars())
+    rows: dict[type[m.Base], list[dict[str, Any]]] = {model: [] for model in (*RESULT_TABLES, m.Flag)}
     for run in runs:
         result = run.result
-        session.add(m.StepRunRecord(
-            image_id=image.id, step=run.step, model_version=run.version, status=run.status,
-            duration_ms=run.duration_ms, output=(result.data if result else {}), error=run.error,
-        ))
+        rows[m.StepRunRecord].append({
+            "image_id": image.id, "step": run.step, "model_version": run.version, "status": run.status,
+            "duration_ms": run.duration_ms, "output": (result.data if result else {}), "error": run.error,
+        })
         if result is None:
             continue
-        for tag in result.tags:
-            session.add(m.Tag(listing_id=image.listing_id, image_id=image.id, name=tag.name,
-                              score=float(tag.score), source=tag.source, model_version=run.version))
-        for det in result.detections:
-            x0, y0, x1, y1 = (float(v) for v in det.box)
-            session.add(m.Detection(image_id=image.id, label=det.label, score=float(det.score),
-                                    x0=x0, y0=y0, x1=x1, y1=y1, model_version=run.version))
-        for flag in result.flags:
-            if flag.kind in reviewed:
-                continue  # a reviewer already decided on this kind for this image
-            session.add(m.Flag(listing_id=image.listing_id, image_id=image.id, kind=flag.kind,
-                               score=float(flag.score), evidence=flag.evidence,
-                               model_version=run.version))
-        for art in result.artifacts:
-            session.add(m.ArtifactRecord(image_id=image.id, kind=art.kind, path=str(art.path),
-                                         width=art.width, height=art.height,
-                                         model_version=run.version))
+        version = run.version
+        rows[m.Tag] += [{"listing_id": image.listing_id, "image_id": image.id, "name": tag.name,
+                         "score": float(tag.score), "source": tag.source, "model_version": version}
+                        for tag in result.tags]
+        rows[m.Detection] += [{"image_id": image.id, "label": det.label, "score": float(det.score),
+                               "x0": float(det.box[0]), "y0": float(det.box[1]),
+                               "x1": float(det.box[2]), "y1": float(det.box[3]), "model_version": version}
+                              for det in result.detections]
+        # A reviewer already decided on a kind for this image: the verdict stands.
+        rows[m.Flag] += [{"listing_id": image.listing_id, "image_id": image.id, "kind": flag.kind,
+                          "score": float(flag.score), "evidence": flag.evidence, "model_version": version}
+                         for flag in result.flags if flag.kind not in reviewed]
+        rows[m.ArtifactRecord] += [{"image_id": image.id, "kind": art.kind, "path": str(art.path),
+                                    "width": art.width, "height": art.height, "model_version": version}
+                                   for art in result.artifacts]
         if result.embedding is not None:
             vec = np.asarray(result.embedding, dtype="<f4").ravel()
-            session.add(m.Embedding(image_id=image.id, model_version=run.version,
-                                    dim=int(vec.size), vector=vec.tobytes()))
-        persist = getattr(get_step(run.step), "persist", None)
-        if persist is not None:
-            session.flush()
-            persist(session, image, result)
-    meta = ctx.results.get("metadata")
-    if meta is not None:
-        image.phash = to_signed64(int(meta.data["phash"], 16))
-        image.dhash = to_signed64(int(meta.data["dhash"], 16))
+            rows[m.Embedding].append({"image_id": image.id, "model_version": version,
+                                      "dim": int(vec.size), "vector": vec.tobytes()})
+        if run.step == "metadata":
+            image.phash = to_signed64(int(result.data["phash"], 16))
+            image.dhash = to_signed64(int(result.data["dhash"], 16))
+    for model, values in rows.items():
+        if values:
+            session.execute(insert(model), values)
 
 
 def finish_image(session: Session, image: m.Image, *, status: str, error: str | None,
-                  loaded: LoadedImage | None = None, settings: Settings | None = None) -> None:
+                 settings: Settings, loaded: LoadedImage | None = None) -> None:
     image.status = status
     image.error = error
     image.processed_at = m.utcnow()
@@ -91,7 +94,7 @@ def finish_image(session: Session, image: m.Image, *, status: str, error: str | 
     finish_listing_if_complete(session, image.listing_id, settings)
 
 
-def finish_listing_if_complete(session: Session, listing_id: int, settings: Settings | None = None) -> bool:
+def finish_listing_if_complete(session: Session, listing_id: int, settings: Settings) -> bool:
     listing = lock_listing(session, listing_id)
     if listing.status in ("done", "deleted"):
         return listing.status == "done"
@@ -107,12 +110,8 @@ def finish_listing_if_complete(session: Session, listing_id: int, settings: Sett
     return True
 
 
-def update_fraud_score(session: Session, listing: m.Listing, settings: Settings | None) -> None:
+def update_fraud_score(session: Session, listing: m.Listing, settings: Settings) -> None:
     """Combine the flags of all the listing's images into one score (worker/fraud/score.py)."""
-    from worker.fraud.score import fraud_score_for_settings
-
-    if settings is None:
-        return
     session.flush()
     flags = session.execute(select(m.Flag).where(m.Flag.listing_id == listing.id)).scalars().all()
     result = fraud_score_for_settings(flags, settings)

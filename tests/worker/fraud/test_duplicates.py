@@ -1,60 +1,55 @@
-"""Duplicate photos across sellers: hashes, the band index and the step end to end."""
+"""Duplicate photos, the pure part: hashes, bands, the step and the decision on candidates.
+
+The database side (band index, locks, candidate search) is tested in
+tests/worker/pipeline/test_duplicates.py.
+"""
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import numpy as np
-import pytest
 import skimage.data
 from PIL import Image, ImageOps
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from db.fraud_models import ImageHashBand
-from db.session import get_engine
-from tests.support.fraud import add_image, context
-from worker.fraud.duplicates import DuplicatesStep, band_values, best_match
-from worker.fraud.fingerprint import fingerprint, trim_borders
-from worker.pipeline.contract import StepResult
+from tests.support.fraud import stolen_copy
+from worker.config import load_settings
+from worker.fraud.duplicates import (
+    Candidate,
+    DuplicateQuery,
+    DuplicatesStep,
+    assess,
+    band_values,
+    best_match,
+    cosine_to,
+    lock_keys,
+)
+from worker.fraud.fingerprint import fingerprint, stored_part, trim_borders
+from worker.pipeline.contract import ImageContext, StepResult
 
 
 def _photo(name: str) -> Image.Image:
     return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
 
 
-def _stolen_copy(img: Image.Image) -> Image.Image:
-    """What a copier does: crop a strip, mirror, shrink, re-compress hard, add a frame."""
-    w, h = img.size
-    out = ImageOps.mirror(img.crop((0, 0, w, round(h * 0.85))))
-    out = out.resize((out.width * 2 // 3, out.height * 2 // 3), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    out.save(buf, "JPEG", quality=35)
-    out = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    return ImageOps.expand(out, border=20, fill=(255, 255, 255))
+def _ctx(img: Image.Image, sha256: str = "ab" * 32) -> ImageContext:
+    return ImageContext(image_id=1, listing_id=1, seller_id="s", category=None, url="u", image=img,
+                        raw=b"", source_format="PNG", sha256=sha256, settings=load_settings())
 
 
-@pytest.fixture
-def session(db_url: str) -> Iterator[Session]:
-    conn = get_engine(db_url).connect()
-    outer = conn.begin()
-    s = Session(bind=conn, join_transaction_mode="create_savepoint")
-    try:
-        yield s
-    finally:
-        s.close()
-        outer.rollback()
-        conn.close()
+def _stored(img: Image.Image) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for h in fingerprint(img):
+        out.setdefault(h.view, {})[h.kind] = h.value
+    return out
 
 
-def _process(session: Session, seller: str, img: Image.Image, **settings: object) -> StepResult:
-    listing, row, raw = add_image(session, seller, img)
-    step = DuplicatesStep()
-    result = step.run(context(session, listing, row, raw, img, **settings))
-    step.persist(session, row, result)
-    session.flush()
-    return result
+def _candidate(image_id: int, seller: str, *, listing_id: int | None = None, hashes=None,
+               identical: bool = False, cosine: float | None = None) -> Candidate:
+    return Candidate(image_id=image_id, listing_id=listing_id if listing_id is not None else 100 + image_id,
+                     listing_external_id=f"ext-{image_id}", seller_id=seller, url=f"https://x/{image_id}.jpg",
+                     first_seen=datetime(2026, 1, 2, tzinfo=UTC), hashes=hashes or {},
+                     identical=identical, cosine=cosine)
 
 
 def test_bands_split_the_hash_and_pigeonhole_holds() -> None:
@@ -67,7 +62,7 @@ def test_bands_split_the_hash_and_pigeonhole_holds() -> None:
         b = a
         for bit in flips:
             b ^= 1 << int(bit)
-        assert any(x == y for x, y in zip(band_values(a), band_values(b)))
+        assert any(x == y for x, y in zip(band_values(a), band_values(b), strict=True))
 
 
 def test_trim_borders_removes_padding_only() -> None:
@@ -79,10 +74,8 @@ def test_trim_borders_removes_padding_only() -> None:
 
 def test_mirror_and_crop_views_match() -> None:
     img = _photo("chelsea")
-    stored = {}
-    for h in fingerprint(img):
-        stored.setdefault(h.view, {})[h.kind] = h.value
-    copy = _stolen_copy(img)
+    stored = _stored(img)
+    copy = stolen_copy(img)
     query = fingerprint(copy, mirrored=True)
     match = best_match(query, stored)
     assert match is not None and match.mirrored and match.distance <= 14
@@ -90,91 +83,82 @@ def test_mirror_and_crop_views_match() -> None:
     assert other is not None and other.distance > 30
 
 
-def test_copy_under_another_seller_is_flagged_not_under_the_same(session: Session) -> None:
-    original = _photo("coffee")
-    first = _process(session, "seller-a", original)
-    assert first.flags == [] and first.data["searched"]
-    original_id = session.execute(select(func.max(ImageHashBand.image_id))).scalar_one()
-
-    copy = _stolen_copy(original)
-    reused = _process(session, "seller-a", copy)  # the seller's own photo again: not fraud
-    assert reused.flags == [] and reused.data["matches_same_seller"] >= 1
-
-    stolen = _process(session, "seller-b", copy)
-    assert [f.kind for f in stolen.flags] == ["duplicate_image"]
-    ev = stolen.flags[0].evidence
-    assert original_id in {mm["matched_image_id"] for mm in ev["matches"]}
-    assert ev["matched_seller_id"] == "seller-a"
-    first_match = next(mm for mm in ev["matches"] if mm["matched_image_id"] == original_id)
-    assert first_match["hash_kind"] == "phash+dhash" and first_match["mirrored"] is True
-    assert first_match["hamming_distance"] <= 14
-    assert ev["matched_listing_external_id"].startswith("ext-")
-    assert "another seller (seller-a)" in ev["summary"]
-
-    unrelated = _process(session, "seller-c", _photo("rocket"))
-    assert unrelated.flags == []
-
-
-def test_identical_bytes_are_matched_and_embedding_can_veto(session: Session) -> None:
-    original = _photo("chelsea")
-    _process(session, "seller-a", original)
-    assert _process(session, "seller-b", original).flags[0].evidence["hash_kind"] == "sha256"
-
-    # An embedding that disagrees completely vetoes a hash-only match (no stored vector:
-    # the cosine is simply unknown and the hashes decide).
-    listing, row, raw = add_image(session, "seller-d", _stolen_copy(original))
-    ctx = context(session, listing, row, raw, _stolen_copy(original))
-    ctx.results["tagging"] = StepResult(embedding=np.ones(8, dtype=np.float32))
-    result = DuplicatesStep().run(ctx)
-    assert result.data["embedding_used"] and result.flags  # no stored 8-d vectors: hashes decide
-
-
-def test_without_database_the_step_only_hashes() -> None:
+def test_the_step_is_pure_it_hashes_and_hands_the_query_over() -> None:
     img = _photo("rocket")
-    listing = type("L", (), {"id": 1, "seller_id": "s"})()
-    row = type("R", (), {"id": 1, "url": "u", "sha256": "x"})()
-    result = DuplicatesStep().run(context(None, listing, row, b"", img))
+    ctx = _ctx(img)
+    ctx.results["tagging"] = StepResult(embedding=np.full(8, 3.0, dtype=np.float32))
+    result = DuplicatesStep().run(ctx)
     assert result.flags == [] and result.data["searched"] is False
     assert {h["view"] for h in result.data["hashes"]} >= {"full", "c85", "c70", "cut_left"}
+    handoff = result.handoff
+    assert isinstance(handoff, DuplicateQuery)
+    assert handoff.sha256 == "ab" * 32
+    assert handoff.stored == stored_part(handoff.query)
+    assert any(h.mirrored for h in handoff.query) and not any(h.mirrored for h in handoff.stored)
+    assert [f"{h.value:016x}" for h in handoff.stored] == [h["value"] for h in result.data["hashes"]]
+    assert handoff.embedding is not None and np.isclose(np.linalg.norm(handoff.embedding), 1.0)
 
 
-def test_concurrent_copies_wait_for_each_other_on_postgres() -> None:
-    """Two sellers' copies analysed at the same moment: the second search must see the first."""
-    import threading
+def test_lock_keys_are_sorted_and_cover_the_whole_image_views_only() -> None:
+    query = fingerprint(_photo("coffee"), query=True)
+    keys = lock_keys(query)
+    assert keys == sorted(keys) and len(keys) == len(set(keys))
+    full = [h for h in query if h.view == "full"]
+    assert 0 < len(keys) <= len(full) * 4  # pHash + dHash, mirrored or not, four bands each
+    assert lock_keys([h for h in query if h.view != "full"]) == []
 
-    import skimage.data
-    from PIL import Image, ImageOps
 
-    from db.session import session_factory
-    from tests.support.fraud import add_image, context, throwaway_pg
-    from worker.fraud.duplicates import DuplicatesStep
+def test_assess_flags_other_sellers_only() -> None:
+    settings = load_settings()
+    original = _photo("coffee")
+    query = DuplicatesStep().run(_ctx(stolen_copy(original))).handoff
+    same_hashes = _stored(original)
+    candidates = [
+        _candidate(1, "seller-a", hashes=same_hashes),  # the original, another seller
+        _candidate(2, "seller-b", hashes=same_hashes),  # the uploader's own photo elsewhere
+        _candidate(3, "seller-c", hashes=_stored(_photo("rocket"))),  # unrelated
+        _candidate(4, "seller-d", hashes=same_hashes, listing_id=7),  # same listing: ignored
+    ]
+    flags, data = assess(query, candidates, listing_id=7, seller_id="seller-b", settings=settings)
+    assert data == {"searched": True, "candidates": 4, "matches_other_sellers": 1,
+                    "matches_same_seller": 1, "embedding_used": False}
+    assert [f.kind for f in flags] == ["duplicate_image"]
+    ev = flags[0].evidence
+    assert ev["matched_image_id"] == 1 and ev["matched_seller_id"] == "seller-a"
+    assert ev["mirrored"] is True and ev["hash_kind"] == "phash+dhash" and ev["hamming_distance"] <= 14
+    assert ev["matched_listing_external_id"] == "ext-1" and ev["matched_first_seen"].startswith("2026-01-02")
+    assert "another seller (seller-a)" in ev["summary"]
+    assert 0.5 <= flags[0].score <= 1.0
 
-    original = Image.fromarray(skimage.data.astronaut())
-    copy = ImageOps.mirror(original).resize((384, 384))
-    step = DuplicatesStep()
-    with throwaway_pg("fraud_race") as url:
-        factory = session_factory(url)
-        first, second = factory(), factory()
-        with first.begin():
-            l1, r1, raw1 = add_image(first, "seller-a", original)
-        with second.begin():
-            l2, r2, raw2 = add_image(second, "seller-b", copy)
-        tx = first.begin()
-        result_a = step.run(context(first, l1, r1, raw1, original, database_url=url))
-        assert result_a.flags == []
-        out: dict = {}
+    none, data = assess(query, candidates[1:3], listing_id=7, seller_id="seller-b", settings=settings)
+    assert none == [] and data["matches_other_sellers"] == 0
 
-        def run_second() -> None:
-            with second.begin():
-                out["result"] = step.run(context(second, l2, r2, raw2, copy, database_url=url))
 
-        thread = threading.Thread(target=run_second)
-        thread.start()
-        thread.join(1.0)
-        assert thread.is_alive(), "the second search did not wait for the first image's commit"
-        step.persist(first, first.get(type(r1), r1.id), result_a)
-        tx.commit()
-        thread.join(30)
-        first.close()
-        second.close()
-        assert [f.kind for f in out["result"].flags] == ["duplicate_image"]
+def test_identical_bytes_match_and_embedding_can_veto_or_confirm() -> None:
+    settings = load_settings()
+    original = _photo("chelsea")
+    query = DuplicatesStep().run(_ctx(original)).handoff
+    (flag,), _ = assess(query, [_candidate(1, "a", identical=True)], listing_id=9, seller_id="b",
+                        settings=settings)
+    assert flag.evidence["hash_kind"] == "sha256" and flag.score == 1.0
+
+    copy_query = DuplicatesStep().run(_ctx(stolen_copy(original))).handoff
+    stored = _stored(original)
+    veto = settings.duplicate_veto_cosine - 0.05
+    flags, _ = assess(copy_query, [_candidate(1, "a", hashes=stored, cosine=veto)], listing_id=9,
+                      seller_id="b", settings=settings)
+    assert flags == []  # the embeddings disagree: a hash collision, not a copy
+    flags, _ = assess(copy_query, [_candidate(1, "a", hashes=stored, cosine=None)], listing_id=9,
+                      seller_id="b", settings=settings)
+    assert flags  # no stored vector: the hashes decide
+    (flag,), _ = assess(copy_query, [_candidate(1, "a", hashes=stored, cosine=0.99)], listing_id=9,
+                        seller_id="b", settings=settings)
+    assert flag.score >= 0.99 and "cosine 0.99" in flag.evidence["summary"]
+
+
+def test_cosine_to_a_stored_vector() -> None:
+    query = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    assert cosine_to(query, np.array([2.0, 0.0, 0.0], dtype="<f4").tobytes()) == 1.0
+    assert cosine_to(query, np.array([0.0, 1.0, 0.0], dtype="<f4").tobytes()) == 0.0
+    assert cosine_to(query, np.zeros(3, dtype="<f4").tobytes()) is None
+    assert cosine_to(query, np.ones(4, dtype="<f4").tobytes()) is None  # other model's size
