@@ -17,13 +17,15 @@ All functions work in the caller's session and transaction; the caller commits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from db import models as m
+from worker.config import Settings
+from worker.pipeline.store import lock_listing, update_fraud_score
 
 VERDICTS = ("confirmed", "dismissed")
 
@@ -41,17 +43,17 @@ class FlagNotHeld(FlagQueueError):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every stored time is UTC."""
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
-def _claimable(now: datetime):  # noqa: ANN202 - SQL expression
+def _claimable(now: datetime) -> ColumnElement[bool]:
     return or_(
         m.Flag.status == "open",
         and_(m.Flag.status == "claimed", m.Flag.claim_expires_at < now),
@@ -150,7 +152,7 @@ def claim_next_flag(session: Session, reviewer: str, ttl: int | float | timedelt
         flag_id = session.execute(stmt).scalar_one_or_none()
         if flag_id is None:
             return None
-    flag = session.get(m.Flag, flag_id, populate_existing=True)
+    flag = session.get_one(m.Flag, flag_id, populate_existing=True)
     return FlagView.of(flag)
 
 
@@ -163,9 +165,9 @@ def release_flag(session: Session, flag_id: int, reviewer: str) -> FlagView:
 
 
 def resolve_flag(session: Session, flag_id: int, reviewer: str, verdict: str,
-                 note: str | None = None, settings: Any = None) -> FlagView:
-    """Record the reviewer's verdict on a flag they hold, plus a row in ``reviews``. With
-    ``settings``, the listing's fraud score is recomputed (a verdict overrides the model)."""
+                 note: str | None = None, *, settings: Settings) -> FlagView:
+    """Record the reviewer's verdict on a flag they hold, plus a row in ``reviews``, and
+    recompute the listing's fraud score with ``settings`` (a verdict overrides the model)."""
     if verdict not in VERDICTS:
         raise FlagQueueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
     flag = _held(session, flag_id, reviewer)
@@ -179,10 +181,9 @@ def resolve_flag(session: Session, flag_id: int, reviewer: str, verdict: str,
                          reviewer=reviewer, kind="flag_verdict", verdict=verdict, note=note,
                          created_at=now))
     session.flush()
-    if settings is not None:
-        from worker.pipeline.store import update_fraud_score
-
-        update_fraud_score(session, session.get(m.Listing, flag.listing_id), settings)
+    # Under the listing lock, like the pipeline's score: two verdicts on one listing at the
+    # same moment are scored one after the other, the second seeing the first.
+    update_fraud_score(session, lock_listing(session, flag.listing_id), settings)
     return FlagView.of(flag)
 
 

@@ -17,10 +17,16 @@ from db import models as m
 from db.session import transaction
 from tests.support.fraud import add_flags, throwaway_pg
 from worker.cli.flags import flags as flags_cli
+from worker.config import Settings
 from worker.review import queue
 
 
-def test_claim_resolve_and_review_row(db_url: str) -> None:
+@pytest.fixture
+def settings(make_settings) -> Settings:
+    return make_settings()
+
+
+def test_claim_resolve_and_review_row(db_url: str, settings: Settings) -> None:
     with transaction(db_url) as s:
         ids = add_flags(s, 2, kind="fraud_queue_resolve_test")
     with transaction(db_url) as s:
@@ -30,69 +36,62 @@ def test_claim_resolve_and_review_row(db_url: str) -> None:
         second = queue.claim_next_flag(s, "bob", 600, kind="fraud_queue_resolve_test")
     assert second is not None and second.id == ids[1]
 
-    with pytest.raises(queue.FlagNotHeld, match="claimed by alice"):
-        with transaction(db_url) as s:
-            queue.resolve_flag(s, first.id, "bob", "confirmed")
+    with pytest.raises(queue.FlagNotHeld, match="claimed by alice"), transaction(db_url) as s:
+        queue.resolve_flag(s, first.id, "bob", "confirmed", settings=settings)
     with transaction(db_url) as s:
-        done = queue.resolve_flag(s, first.id, "alice", "confirmed", note="same photo, other shop")
+        done = queue.resolve_flag(s, first.id, "alice", "confirmed", note="same photo, other shop", settings=settings)
     assert done.status == "confirmed" and done.reviewed_by == "alice" and done.reviewed_at
     with transaction(db_url) as s:
         review = s.execute(select(m.Review).where(m.Review.flag_id == first.id)).scalar_one()
         assert (review.reviewer, review.verdict, review.kind, review.note) == (
             "alice", "confirmed", "flag_verdict", "same photo, other shop")
-        flag = s.get(m.Flag, first.id)
+        flag = s.get_one(m.Flag, first.id)
         assert flag.status == "confirmed" and flag.note == "same photo, other shop"
-    with pytest.raises(queue.FlagNotHeld, match="already confirmed"):
-        with transaction(db_url) as s:
-            queue.resolve_flag(s, first.id, "alice", "dismissed")
-    with pytest.raises(queue.FlagNotFound):
-        with transaction(db_url) as s:
-            queue.resolve_flag(s, 10**9, "alice", "dismissed")
-    with pytest.raises(queue.FlagQueueError, match="verdict"):
-        with transaction(db_url) as s:
-            queue.resolve_flag(s, second.id, "bob", "maybe")
+    with pytest.raises(queue.FlagNotHeld, match="already confirmed"), transaction(db_url) as s:
+        queue.resolve_flag(s, first.id, "alice", "dismissed", settings=settings)
+    with pytest.raises(queue.FlagNotFound), transaction(db_url) as s:
+        queue.resolve_flag(s, 10**9, "alice", "dismissed", settings=settings)
+    with pytest.raises(queue.FlagQueueError, match="verdict"), transaction(db_url) as s:
+        queue.resolve_flag(s, second.id, "bob", "maybe", settings=settings)
     # Clean up what this test committed (the Postgres database is shared).
     with transaction(db_url) as s:
         for fid in ids:
-            s.delete(s.get(m.Flag, fid))
+            s.delete(s.get_one(m.Flag, fid))
 
 
-def test_open_flag_must_be_claimed_first_and_expired_claims_return(db_url: str) -> None:
+def test_open_flag_must_be_claimed_first_and_expired_claims_return(db_url: str, settings: Settings) -> None:
     with transaction(db_url) as s:
         (fid,) = add_flags(s, 1, kind="fraud_queue_expiry_test")
-    with pytest.raises(queue.FlagNotHeld, match="claim it first"):
-        with transaction(db_url) as s:
-            queue.resolve_flag(s, fid, "alice", "dismissed")
+    with pytest.raises(queue.FlagNotHeld, match="claim it first"), transaction(db_url) as s:
+        queue.resolve_flag(s, fid, "alice", "dismissed", settings=settings)
     with transaction(db_url) as s:
         claimed = queue.claim_next_flag(s, "alice", timedelta(seconds=5), kind="fraud_queue_expiry_test")
     assert claimed is not None and claimed.id == fid
     with transaction(db_url) as s:
         assert queue.claim_next_flag(s, "bob", 60, kind="fraud_queue_expiry_test") is None
         # Let alice's claim expire (moving the clock is simpler than sleeping).
-        s.get(m.Flag, fid).claim_expires_at = m.utcnow() - timedelta(seconds=1)
+        s.get_one(m.Flag, fid).claim_expires_at = m.utcnow() - timedelta(seconds=1)
     with transaction(db_url) as s:
         again = queue.claim_next_flag(s, "bob", 60, kind="fraud_queue_expiry_test")
     assert again is not None and again.id == fid and again.claimed_by == "bob"
-    with pytest.raises(queue.FlagNotHeld, match="claimed by bob"):
-        with transaction(db_url) as s:
-            queue.resolve_flag(s, fid, "alice", "dismissed")
+    with pytest.raises(queue.FlagNotHeld, match="claimed by bob"), transaction(db_url) as s:
+        queue.resolve_flag(s, fid, "alice", "dismissed", settings=settings)
     with transaction(db_url) as s:
         queue.release_flag(s, fid, "bob")
         assert [f.id for f in queue.list_flags(s, status="open", kind="fraud_queue_expiry_test")] == [fid]
-        s.delete(s.get(m.Flag, fid))
+        s.delete(s.get_one(m.Flag, fid))
 
 
-def test_expired_claim_cannot_be_resolved(db_url: str) -> None:
+def test_expired_claim_cannot_be_resolved(db_url: str, settings: Settings) -> None:
     with transaction(db_url) as s:
         (fid,) = add_flags(s, 1, kind="fraud_queue_expired_resolve")
     with transaction(db_url) as s:
         queue.claim_next_flag(s, "alice", 60, kind="fraud_queue_expired_resolve")
-        s.get(m.Flag, fid).claim_expires_at = m.utcnow() - timedelta(seconds=1)
-    with pytest.raises(queue.FlagNotHeld, match="expired"):
-        with transaction(db_url) as s:
-            queue.resolve_flag(s, fid, "alice", "confirmed")
+        s.get_one(m.Flag, fid).claim_expires_at = m.utcnow() - timedelta(seconds=1)
+    with pytest.raises(queue.FlagNotHeld, match="expired"), transaction(db_url) as s:
+        queue.resolve_flag(s, fid, "alice", "confirmed", settings=settings)
     with transaction(db_url) as s:
-        s.delete(s.get(m.Flag, fid))
+        s.delete(s.get_one(m.Flag, fid))
 
 
 @pytest.mark.postgres
@@ -115,7 +114,7 @@ def test_twenty_reviewers_claim_one_hundred_distinct_flags() -> None:
                     if flag is None:
                         break
                     got.append(flag.id)
-            except BaseException as exc:  # surfaced by the assertion below
+            except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
                 errors.append(exc)
             claimed[name] = got
 
@@ -132,7 +131,7 @@ def test_twenty_reviewers_claim_one_hundred_distinct_flags() -> None:
         assert sum(1 for got in claimed.values() if got) > 1  # the work was shared
 
 
-def test_cli_list_claim_resolve(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_cli_list_claim_resolve(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from db.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'flags.db'}"
@@ -177,11 +176,12 @@ def test_most_serious_flag_is_claimed_first_when_weights_are_given(db_url: str) 
     with factory() as s, s.begin():
         for _ in range(3):
             flag = queue.claim_next_flag(s, "alice", 60, weights=weights)
+            assert flag is not None
             order.append((flag.kind, flag.score))
     assert order == [(f"{tag}-strong", 0.8), (f"{tag}-weak", 0.9), (f"{tag}-weak", 0.2)]
 
 
-def test_verdict_updates_the_listing_fraud_score(db_url: str, make_settings) -> None:  # noqa: ANN001
+def test_verdict_updates_the_listing_fraud_score(db_url: str, make_settings) -> None:
     from db import models as m
     from db.session import session_factory
     from tests.conftest import unique
@@ -200,12 +200,12 @@ def test_verdict_updates_the_listing_fraud_score(db_url: str, make_settings) -> 
         update_fraud_score(s, listing, settings)
         listing_id = listing.id
     with factory() as s, s.begin():
-        assert s.get(m.Listing, listing_id).fraud_decision == "review"
+        assert s.get_one(m.Listing, listing_id).fraud_decision == "review"
         flag = s.query(m.Flag).filter_by(listing_id=listing_id, kind="duplicate_image").one()
         flag.status, flag.claimed_by = "claimed", "alice"
-        flag.claim_expires_at = m.utcnow() + __import__("datetime").timedelta(minutes=5)
+        flag.claim_expires_at = m.utcnow() + timedelta(minutes=5)
     with factory() as s, s.begin():
         queue.resolve_flag(s, flag.id, "alice", "dismissed", "own photo, licensed", settings=settings)
     with factory() as s:
-        listing = s.get(m.Listing, listing_id)
-        assert listing.fraud_score < 0.5 and listing.fraud_decision == "ok"
+        listing = s.get_one(m.Listing, listing_id)
+        assert listing.fraud_score is not None and listing.fraud_score < 0.5 and listing.fraud_decision == "ok"
