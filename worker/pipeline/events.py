@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -30,14 +32,17 @@ class EventOutcome:
     images_to_analyze: list[int] = field(default_factory=list)
 
 
-def _insert(session: Session, table):  # noqa: ANN001, ANN202 - dialect-specific INSERT
-    return (pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert)(table)
+def _insert(session: Session, model: type[m.Base]) -> PgInsert | SqliteInsert:
+    """INSERT with the dialect's ON CONFLICT support (both dialects spell it the same)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return pg_insert(model)
+    return sqlite_insert(model)
 
 
 def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
     """Apply one validated event. Call inside a transaction; the caller commits."""
     inserted = session.execute(
-        _insert(session, m.ProcessedEvent.__table__)
+        _insert(session, m.ProcessedEvent)
         .values(
             event_id=event.event_id,
             type=event.type,
@@ -55,7 +60,7 @@ def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
     # Make sure the listing row exists, then lock it: concurrent events for one listing
     # apply one after the other.
     session.execute(
-        _insert(session, m.Listing.__table__)
+        _insert(session, m.Listing)
         .values(
             external_id=event.listing.id,
             seller_id=event.listing.seller_id,
@@ -107,9 +112,9 @@ def _sync_images(session: Session, listing: m.Listing, refs: list[str]) -> list[
     lose their rows and results."""
     wanted: list[str] = list(dict.fromkeys(refs))  # de-duplicate, keep order
     existing = {img.url: img for img in listing.images}
-    for url, img in existing.items():
+    for url, old in existing.items():
         if url not in wanted:
-            session.delete(img)
+            session.delete(old)
     ids = []
     for position, url in enumerate(wanted):
         img = existing.get(url)
@@ -146,4 +151,4 @@ def record_dead_letter(session: Session, source: str, payload: str, reason: str)
 
 def _aware(value: datetime) -> datetime:
     # SQLite returns naive datetimes; everything we store is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from worker.config import Settings
 
@@ -28,7 +28,7 @@ def run_in_process(settings: Settings, refs: list[str], seller: str, category: s
     event = ListingEvent.model_validate({
         "event_id": f"local-{uuid.uuid4()}",
         "type": "listing.updated",
-        "occurred_at": datetime.now(timezone.utc).isoformat(),
+        "occurred_at": datetime.now(UTC).isoformat(),
         "listing": {"id": external_id, "seller_id": seller, "title": title, "category": category,
                     "images": refs},
     })
