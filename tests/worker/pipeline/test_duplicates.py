@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 import skimage.data
 from PIL import Image, ImageOps
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from db import models as m
 from db.fraud_models import ImageHashBand
 from db.session import get_engine, session_factory
 from tests.conftest import unique
-from tests.support.fraud import add_image, step_context, stolen_copy, throwaway_pg
+from tests.support.fraud import add_image, step_context, stolen_copy
 from tests.support.pipeline import analyze_all, apply, event
 from worker.fraud.duplicates import DuplicatesStep
 from worker.fraud.score import listing_fraud_score
 from worker.pipeline import duplicates as pipeline_duplicates
-from worker.pipeline.contract import StepResult
+from worker.pipeline.contract import StepResult, StepRun
 from worker.pipeline.duplicates import DuplicateIndex, DuplicatesWriter
 from worker.pipeline.registry import STEP_REGISTRY
-from worker.pipeline.writers import WRITER_REGISTRY, WriteContext, get_writer
+from worker.pipeline.writers import WRITER_REGISTRY, WriteContext, apply_writers, get_writer
 from worker.review.queue import claim_next_flag, resolve_flag
 
 
@@ -139,31 +139,41 @@ def test_band_rows_are_replaced_not_duplicated(session: Session) -> None:
 
 def _race(url: str) -> tuple[bool, list[str]]:
     """Store transaction A runs the writer on an original and stays open; B runs it on a
-    mirrored copy by another seller. Returns (B was still waiting after 1 s, B's flag kinds)."""
+    mirrored copy by another seller. Returns (B was still waiting after 1 s, B's flag kinds).
+    Commits to the shared test database, so it deletes its listings afterwards."""
     original = _photo("astronaut")
     copy = ImageOps.mirror(original).resize((384, 384))
     factory = session_factory(url)
     first, second = factory(), factory()
     with first.begin():
-        l1, r1, raw1 = add_image(first, "seller-a", original)
+        l1, r1, raw1 = add_image(first, unique("seller-a"), original)
     with second.begin():
-        l2, r2, raw2 = add_image(second, "seller-b", copy)
-    writer = DuplicatesWriter()
+        l2, r2, raw2 = add_image(second, unique("seller-b"), copy)
+    listing_ids = [l1.id, l2.id]
 
-    def write(s: Session, listing: m.Listing, row: m.Image, raw: bytes, img: Image.Image) -> StepResult:
+    def prepare(s: Session, listing: m.Listing, row: m.Image, raw: bytes, img: Image.Image
+                ) -> tuple[WriteContext, StepRun]:
+        """The compute phase, done up front so that B's thread only does database work."""
         ctx = step_context(listing, row, raw, img, database_url=url)
         wctx = WriteContext(session=s, image_id=row.id, listing_id=listing.id, seller_id=listing.seller_id,
                             settings=ctx.settings)
-        return writer.write(wctx, DuplicatesStep().run(ctx))
+        return wctx, StepRun("duplicates", DuplicatesStep.VERSION, "ok", 1.0, result=DuplicatesStep().run(ctx))
 
+    def store(prepared: tuple[WriteContext, StepRun]) -> StepResult:
+        """As the store transaction does it: through apply_writers (the writer in a savepoint)."""
+        (stored,) = apply_writers(prepared[0], [prepared[1]])
+        assert stored.status == "ok" and stored.result is not None, stored.error
+        return stored.result
+
+    a, b = prepare(first, l1, r1, raw1, original), prepare(second, l2, r2, raw2, copy)
     out: dict[str, StepResult] = {}
-    tx = first.begin()
     try:
-        assert write(first, l1, r1, raw1, original).flags == []  # bands written, not committed
+        tx = first.begin()
+        assert store(a).flags == []  # bands written, not committed
 
         def run_second() -> None:
             with second.begin():
-                out["b"] = write(second, l2, r2, raw2, copy)
+                out["b"] = store(b)
 
         thread = threading.Thread(target=run_second)
         thread.start()
@@ -175,25 +185,25 @@ def _race(url: str) -> tuple[bool, list[str]]:
     finally:
         first.close()
         second.close()
+        with factory() as s, s.begin():
+            s.execute(delete(m.Listing).where(m.Listing.id.in_(listing_ids)))
     return waited, [f.kind for f in out["b"].flags]
 
 
 @pytest.mark.postgres
-def test_concurrent_copies_wait_for_each_other_on_postgres() -> None:
+def test_concurrent_copies_wait_for_each_other_on_postgres(pg_url: str) -> None:
     """Two sellers' copies stored at the same moment: the second search must see the first."""
-    with throwaway_pg("fraud_race") as url:
-        waited, kinds = _race(url)
+    waited, kinds = _race(pg_url)
     assert waited, "the second search did not wait for the first image's commit"
     assert kinds == ["duplicate_image"]
 
 
 @pytest.mark.postgres
-def test_without_the_band_lock_the_race_is_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_band_lock_the_race_is_lost(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Control for the test above: it really races. Without lock_bands the second search runs
     at once, before the first image's bands are committed, and the copy goes unflagged."""
     monkeypatch.setattr(pipeline_duplicates, "lock_bands", lambda session, hashes: None)
-    with throwaway_pg("fraud_race") as url:
-        waited, kinds = _race(url)
+    waited, kinds = _race(pg_url)
     assert not waited and kinds == []
 
 
