@@ -1,14 +1,24 @@
 """Test fixtures: a real Postgres database per test session (migrated once, one outer
 transaction rolled back per test), SQLite files copied from a migrated template, and a real
-Redis database reserved for the tests."""
+Redis database reserved for the tests.
+
+Markers are applied here, centrally, from what a test uses (see ``pytest_collection_modifyitems``):
+``postgres`` and ``redis`` for the servers it needs, ``slow`` for tests that spawn processes or
+take more than a few seconds, so that ``-m "not slow"`` is a fast run. Everything a test creates
+on the shared servers is removed again: Redis keys written through ``redis_client`` or named by
+``unique()``, and every database made by ``create_pg_database`` (also those a killed run left).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -23,17 +33,73 @@ PG_ADMIN_DSN = os.environ.get("CATALOG_TEST_PG_DSN", "host=127.0.0.1 port=5432 u
 PG_URL_BASE = os.environ.get("CATALOG_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("CATALOG_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
+# --- markers ------------------------------------------------------------------------------
+# A test needs a server when it uses one of these fixtures, or when its body names one of these
+# helpers (tests that open their own throwaway database or client inside the test).
+POSTGRES_FIXTURES = frozenset({"pg_url", "pg_session", "fresh_pg_url"})
+POSTGRES_NAMES = frozenset({"throwaway_pg", "create_pg_database", "PG_URL_BASE"})
+REDIS_FIXTURES = frozenset({"redis_client"})
+REDIS_NAMES = frozenset({"REDIS_URL"})
+#: Names of helpers that start processes: a test calling one is slow.
+SPAWN_NAMES = frozenset({"run_catalog", "Proc", "Popen", "subprocess"})
+#: Tests measured above ~3 s on the 2-core development machine (`--durations`), by node id
+#: prefix; the terminal summary names any other test that took that long (see below).
+SLOW_SECONDS = 3.0
+SLOW_TESTS = (
+    "tests/e2e/",                       # real `catalog` worker/ingest processes
+    "tests/test_docker.py",
+    "tests/worker/cli/test_demo.py",    # runs the whole model pipeline on real photos
+)
 
-def _admin(sql: str) -> None:
-    conn = psycopg2.connect(PG_ADMIN_DSN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+
+def _names_used(item: pytest.Item) -> set[str]:
+    """Global names the test function's body (and the functions nested in it) refers to."""
+    names: set[str] = set()
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    stack = [code] if code is not None else []
+    while stack:
+        current = stack.pop()
+        names.update(current.co_names)
+        stack.extend(const for const in current.co_consts if hasattr(const, "co_names"))
+    return names
 
 
+def _needs(item: pytest.Item, fixtures: frozenset[str], names: frozenset[str]) -> bool:
+    return bool(set(getattr(item, "fixturenames", ())) & fixtures or _names_used(item) & names)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        in_e2e = item.nodeid.startswith("tests/e2e/")
+        module_redis = getattr(getattr(item, "module", None), "REDIS_URL", None) == REDIS_URL
+        if _needs(item, POSTGRES_FIXTURES, POSTGRES_NAMES) or params.get("db_url") == "postgres":
+            item.add_marker(pytest.mark.postgres)
+        # End-to-end modules reach the tests' Redis through their own clients and processes;
+        # the embedded end-to-end tests deliberately run without any Redis.
+        if _needs(item, REDIS_FIXTURES, REDIS_NAMES) or (in_e2e and module_redis):
+            item.add_marker(pytest.mark.redis)
+        if item.nodeid.startswith(SLOW_TESTS) or _names_used(item) & SPAWN_NAMES:
+            item.add_marker(pytest.mark.slow)
+
+
+_unmarked_slow: list[tuple[str, float]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.duration > SLOW_SECONDS and "slow" not in report.keywords:
+        _unmarked_slow.append((report.nodeid, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _unmarked_slow:
+        terminalreporter.section("slow tests without the slow marker")
+        for nodeid, seconds in sorted(_unmarked_slow, key=lambda pair: -pair[1]):
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}  (add it to SLOW_TESTS in tests/conftest.py)")
+
+
+# --- settings ------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _clean_settings_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for key in list(os.environ):
@@ -44,15 +110,76 @@ def _clean_settings_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     reset_settings()
 
 
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def _make(**overrides: object) -> Settings:
+        values: dict[str, object] = {"data_dir": tmp_path / "data", "steps": ["metadata"]}
+        values.update(overrides)
+        return load_settings(**values)
+
+    return _make
+
+
+# --- Postgres ------------------------------------------------------------------------------
+#: Databases this process created and has not dropped yet.
+_created_databases: set[str] = set()
+# "<prefix>_pytest<pid>_<6 hex>": the pid lets a later run drop what a killed run left behind.
+_TEST_DATABASE = re.compile(r"^[a-z0-9_]+_pytest(\d+)_[0-9a-f]{6}$")
+
+
+def _admin(sql: str, *params: object) -> list[tuple[Any, ...]]:
+    conn = psycopg2.connect(PG_ADMIN_DSN)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params or None)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
 def create_pg_database(prefix: str = "catalog_test") -> str:
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    """Create an empty database; ``drop_pg_database`` (or the end of the session) removes it."""
+    name = f"{prefix}_pytest{os.getpid()}_{uuid.uuid4().hex[:6]}"
     _admin(f'CREATE DATABASE "{name}"')
+    _created_databases.add(name)
     return name
 
 
 def drop_pg_database(name: str) -> None:
     dispose_engines()
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _created_databases.discard(name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_orphaned_databases() -> None:
+    """Drop test databases whose creating process is gone (a run killed before its teardown);
+    those of concurrent live runs are left alone."""
+    for (name,) in _admin("SELECT datname FROM pg_database"):
+        match = _TEST_DATABASE.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Without Postgres here the tests that need it say so themselves.
+    with contextlib.suppress(psycopg2.OperationalError):
+        _drop_orphaned_databases()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for name in list(_created_databases):
+        drop_pg_database(name)
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +189,14 @@ def pg_url() -> Iterator[str]:
     url = f"{PG_URL_BASE}/{name}"
     upgrade(url)
     yield url
+    drop_pg_database(name)
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """An empty Postgres database of this test's own (no migrations), dropped afterwards."""
+    name = create_pg_database("catalog_fresh")
+    yield f"{PG_URL_BASE}/{name}"
     drop_pg_database(name)
 
 
@@ -101,23 +236,53 @@ def pg_session(pg_url: str) -> Iterator[Session]:
         conn.close()
 
 
+# --- Redis ---------------------------------------------------------------------------------
+#: Commands that can create a key, by their first word (redis-py sends "XGROUP CREATE" as one).
+_KEY_WRITES = frozenset({
+    "APPEND", "HINCRBY", "HSET", "HSETNX", "INCR", "INCRBY", "LPUSH", "RPUSH", "SADD", "SET",
+    "SETEX", "SETNX", "XADD", "XGROUP", "ZADD", "PFADD", "EXPIRE",
+})
+#: Names handed out by ``unique()`` during the current test (streams and other keys among them).
+_unique_names: set[str] = set()
+
+
+class TrackingRedis(redis_lib.Redis):
+    """A client that remembers every key it may have created, so the fixture can delete them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: set[str] = set()
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if len(args) > 1 and str(args[0]).split()[0].upper() in _KEY_WRITES:
+            key = args[1]
+            self.written.add(key.decode() if isinstance(key, bytes) else str(key))
+        return super().execute_command(*args, **options)
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path):  # noqa: ANN201
-    def _make(**overrides: object) -> Settings:
-        values: dict[str, object] = {"data_dir": tmp_path / "data", "steps": ["metadata"]}
-        values.update(overrides)
-        return load_settings(**values)
-
-    return _make
-
-
-@pytest.fixture
-def redis_client() -> Iterator[redis_lib.Redis]:
-    client = redis_lib.Redis.from_url(REDIS_URL)
+def redis_client() -> Iterator[TrackingRedis]:
+    """The tests' Redis database. Keys written through it, and keys named by ``unique()``
+    during the test, are deleted afterwards."""
+    client = TrackingRedis.from_url(REDIS_URL)
+    assert isinstance(client, TrackingRedis)
     client.ping()
     yield client
+    leftovers = client.written | _unique_names
+    if leftovers:
+        client.delete(*sorted(leftovers))
     client.close()
 
 
+@pytest.fixture(autouse=True)
+def _forget_unique_names() -> Iterator[None]:
+    _unique_names.clear()
+    yield
+    _unique_names.clear()
+
+
 def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+    """A name no other test (or concurrent run) uses; Redis keys of that name are cleaned up."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    _unique_names.add(name)
+    return name

@@ -3,6 +3,8 @@ databases, and be idempotent and reversible."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -17,7 +19,7 @@ def test_models_match_migrations(db_url: str) -> None:
     assert diff == []
 
 
-def test_upgrade_is_idempotent_and_reversible(tmp_path) -> None:  # noqa: ANN001
+def test_upgrade_is_idempotent_and_reversible(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url)
     upgrade(url)
@@ -28,16 +30,12 @@ def test_upgrade_is_idempotent_and_reversible(tmp_path) -> None:  # noqa: ANN001
     assert current_revision(url) == head_revision(url)
 
 
-def test_postgres_downgrade_and_upgrade_again() -> None:
-    from tests.conftest import PG_URL_BASE, create_pg_database, drop_pg_database
-
-    name = create_pg_database("catalog_mig")
-    url = f"{PG_URL_BASE}/{name}"
-    try:
-        upgrade(url)
-        upgrade(url)
-        downgrade(url, "base")
-        upgrade(url)
-        assert current_revision(url) == head_revision(url)
-    finally:
-        drop_pg_database(name)
+def test_postgres_downgrade_and_upgrade_again(fresh_pg_url: str) -> None:
+    url = fresh_pg_url
+    upgrade(url)
+    upgrade(url)
+    assert current_revision(url) == head_revision(url)
+    downgrade(url, "base")
+    assert current_revision(url) is None
+    upgrade(url)
+    assert current_revision(url) == head_revision(url)
