@@ -3,6 +3,7 @@
     with LocalImageServer(tmp_path) as server:
         server.redirect("/hop", server.url("/photo.jpg"))
         stall = server.stall("/slow.jpg", seconds=30, body=jpeg_bytes)
+        server.slow_headers("/drip-head.jpg", jpeg_bytes, interval=0.2)  # headers at 5 bytes/s
         ...                                # fetch server.url("/slow.jpg") in a worker
         assert stall.arrived.wait(5)       # the request reached the server
         stall.release()                    # stop stalling: the response goes out now
@@ -76,10 +77,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.0"  # one request per connection; bodies may be close-delimited
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence stderr
+    def log_message(self, format: str, *args: Any) -> None:  # silence stderr
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         owner = self.server.owner
         path = urlsplit(self.path).path
         owner._record(path, dict(self.headers.items()))
@@ -268,6 +269,26 @@ class LocalImageServer:
 
         self.route(path, handler)
 
+    def slow_headers(self, path: str, body: bytes, interval: float, chunk_size: int = 1,
+                     padding: int = 200) -> None:
+        """Sends the status line and headers ``chunk_size`` bytes every ``interval`` seconds
+        (``padding`` bytes of extra header make it last), then ``body`` at once: a server
+        that never trips a per-read timeout while the response head takes minutes."""
+        head = (
+            "HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\n"
+            f"X-Padding: {'p' * padding}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+
+        def handler(h: _Handler) -> None:
+            for start in range(0, len(head), chunk_size):
+                if self._stopping.wait(interval):
+                    return
+                h.wfile.write(head[start:start + chunk_size])
+                h.wfile.flush()
+            h.wfile.write(body)
+
+        self.route(path, handler)
+
     def drip(self, path: str, body: bytes, interval: float, chunk_size: int = 1) -> None:
         """Sends ``body`` ``chunk_size`` bytes every ``interval`` seconds (a slow-loris server)."""
         def handler(h: _Handler) -> None:
@@ -282,6 +303,73 @@ class LocalImageServer:
                 h.wfile.flush()
 
         self.route(path, handler)
+
+
+class DripServer:
+    """A bare TCP server on 127.0.0.1 that answers every connection by sending ``data``
+    ``chunk_size`` bytes every ``interval`` seconds, whatever the client says (a TLS
+    handshake or an HTTP request), then closes. Tests bound the phases below HTTP with it:
+
+        with DripServer(b"\\x16\\x03\\x03\\x40\\x00" + bytes(16384), interval=0.2) as drip:
+            ...  # fetch https://127.0.0.1:{drip.port}/x.jpg: the TLS handshake never ends
+    """
+
+    def __init__(self, data: bytes, interval: float, chunk_size: int = 1) -> None:
+        self.data = data
+        self.interval = interval
+        self.chunk_size = chunk_size
+        self.connections = 0
+        self._stopping = threading.Event()
+        self._sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int:
+        if self._sock is None:
+            raise RuntimeError("server is not running")
+        return self._sock.getsockname()[1]
+
+    @property
+    def allow_entry(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> DripServer:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        accept = threading.Thread(target=self._accept, name="DripServer", daemon=True)
+        accept.start()
+        self._threads.append(accept)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.connections += 1
+            worker = threading.Thread(target=self._drip, args=(conn,), daemon=True)
+            worker.start()
+            self._threads.append(worker)
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            for start in range(0, len(self.data), self.chunk_size):
+                if self._stopping.wait(self.interval):
+                    return
+                try:
+                    conn.sendall(self.data[start:start + self.chunk_size])
+                except OSError:  # the client gave up: what the tests expect
+                    return
 
 
 def make_certificates(directory: str | Path, hostnames: list[str]) -> tuple[Path, Path, Path]:

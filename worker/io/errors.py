@@ -1,7 +1,14 @@
 """Why an image could not be loaded: :class:`ImageLoadError` and its codes.
+
+Error texts end up in ``images.error``, which downstream systems and reviewers read, so they
+never carry secrets: every message is scrubbed of URL credentials (``user:pw@``) and of the
+values of query parameters that look like secrets (signatures, tokens, keys), control
+characters are shown escaped, and no caller quotes the bytes of a fetched file.
 """
 
 from __future__ import annotations
+
+import re
 
 ERROR_CODES = frozenset(
     {
@@ -17,6 +24,7 @@ ERROR_CODES = frozenset(
         "not_an_image",
         "unsupported_format",
         "truncated",
+        "decompression_bomb",
     }
 )
 
@@ -31,6 +39,7 @@ class ImageLoadError(Exception):
     """
 
     def __init__(self, code: str, message: str, *, status: int | None = None, transient: bool | None = None) -> None:
+        message = scrub(message)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -71,3 +80,28 @@ def too_large_error(what: str, size: int | None, limit: int, *, how: str = "") -
 
 def shorten(ref: str, limit: int = 200) -> str:
     return ref if len(ref) <= limit else ref[: limit - 3] + "..."
+
+
+# ``scheme://userinfo@`` anywhere in a text: the userinfo is replaced, the rest kept.
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s@'\"]*@")
+# ``name=value`` after ``?``, ``&``, ``;`` or ``#`` whose name looks like it carries a secret
+# (presigned-URL signatures, API keys, access tokens, passwords).
+_SECRET_PARAM = re.compile(
+    r"([?&;#][^=&;#?\s'\"]*?(?:sig|token|secret|passw|pwd|key|auth|cred|session)[^=&;#?\s'\"]*=)[^&;#\s'\"]*",
+    re.IGNORECASE,
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def scrub(text: str) -> str:
+    """``text`` with URL credentials and secret-looking query values replaced by ``***`` and
+    control characters escaped (``\\x00``), so it can be stored and shown safely."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = _USERINFO.sub(r"\1***@", text)
+    return _SECRET_PARAM.sub(r"\1***", text)
+
+
+def describe_ref(ref: object, limit: int = 200) -> str:
+    """How an image reference is quoted in a message: scrubbed, then shortened."""
+    text = ref if isinstance(ref, str) else repr(ref)
+    return shorten(scrub(text), limit)

@@ -1,30 +1,38 @@
 """Fetch an image's bytes from a URL or a local file, safely.
 
 * accepts ``http://``, ``https://`` and ``file://`` URLs and absolute paths, nothing else;
+  local files only under ``CATALOG_FETCH_ALLOW_DIRS`` (:mod:`worker.io.local`);
 * refuses to talk to internal addresses (SSRF): the host is resolved here, *every*
   resolved address is vetted, and the connection goes to the vetted IP itself (with the
   original Host header and TLS SNI / certificate hostname), so a DNS answer cannot
   change between the check and the connect; each redirect hop is vetted again;
-* bounds a download in time (connect, per-read and overall deadline) and size.
+* bounds a download in time (connect, per-read and an overall deadline that holds in every
+  phase: name resolution, connect, TLS, status line, headers, body; :mod:`worker.io.deadline`)
+  and size;
+* quotes references in messages without credentials or secret query values.
 
 Nothing here keeps or changes global state, so it is safe to call from many threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
-import stat
-import time
 import urllib.parse
 from dataclasses import dataclass
 
 import urllib3
+from urllib3 import connection as u3conn
 from urllib3 import exceptions as u3exc
 
-from worker.config import Settings, parse_allow_entry
-from worker.io.errors import ImageLoadError, shorten, too_large_error
+import worker
+from worker.config import Settings
+from worker.io.addresses import allow_entries, blocked_reason, is_allowed
+from worker.io.deadline import Deadline, DeadlinePassed
+from worker.io.errors import ImageLoadError, describe_ref, too_large_error
+from worker.io.local import file_url_path, read_local_file
 
 _ALLOW_HINT = "allow it with CATALOG_FETCH_ALLOW_HOSTS"
 
@@ -35,177 +43,41 @@ _CHUNK = 64 * 1024
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
-_USER_AGENT = "catalog-worker/0.1 (+image fetch)"
+_USER_AGENT = f"catalog-worker/{worker.__version__} (+image fetch)"
+
+_SUPPORTED = "use http://, https://, file:// or an absolute path"
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in text)
 
 
 def fetch_bytes(ref: str, settings: Settings) -> bytes:
-    """Return the bytes behind ``ref`` (http(s)/file URL or absolute path), bounded and vetted."""
+    """Return the bytes behind ``ref`` (http(s)/file URL or absolute path), bounded and vetted.
+
+    Every reference that is not one of those (``ftp:``, ``data:``, relative paths, text with
+    control characters, ...) raises ``bad_reference``; local files are read only under
+    ``CATALOG_FETCH_ALLOW_DIRS`` (see :mod:`worker.io.local`).
+    """
     if not isinstance(ref, str) or not ref.strip():
-        raise ImageLoadError("bad_reference", f"empty image reference {ref!r}")
+        raise ImageLoadError("bad_reference", f"empty image reference {describe_ref(ref)!r}")
+    if _has_control_characters(ref):
+        raise ImageLoadError(
+            "bad_reference", f"image reference {describe_ref(ref)!r} contains NUL or other control characters"
+        )
     text = ref.strip()
-    if any(ch in text for ch in "\x00\r\n"):
-        raise ImageLoadError("bad_reference", f"image reference {shorten(ref)!r} contains control characters")
     if text.startswith("/"):
-        return _read_file(text, text, settings)
+        return read_local_file(text, text, settings)
     scheme = text.split(":", 1)[0].lower() if ":" in text else ""
     if scheme == "file":
-        return _read_file(_file_url_path(text), text, settings)
+        return read_local_file(file_url_path(text), text, settings)
     if scheme in ("http", "https"):
         return _fetch_http(text, settings)
-    if scheme and len(scheme) > 1 and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+    if len(scheme) > 1 and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
         why = f"the {scheme}: scheme is not supported"
     else:
         why = "it is neither an http(s):// or file:// URL nor an absolute path"
-    raise ImageLoadError(
-        "bad_reference",
-        f"cannot load {shorten(ref)!r}: {why} (use http://, https://, file:// or an absolute path)",
-    )
-
-
-def _file_url_path(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
-        raise ImageLoadError(
-            "bad_reference",
-            f"cannot load {shorten(url)!r}: file:// URLs must name a local file (host {parts.netloc!r} given)",
-        )
-    path = urllib.parse.unquote(parts.path)
-    if not path.startswith("/"):
-        raise ImageLoadError("bad_reference", f"cannot load {shorten(url)!r}: file:// URL has no absolute path")
-    if "\x00" in path:
-        raise ImageLoadError("bad_reference", f"cannot load {shorten(url)!r}: path contains a NUL byte")
-    return path
-
-
-def _read_file(path: str, ref: str, settings: Settings) -> bytes:
-    limit = settings.fetch_max_bytes
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise ImageLoadError("not_found", f"image file {path} does not exist") from None
-    except NotADirectoryError:
-        raise ImageLoadError("not_found", f"image file {path} does not exist (a parent is not a directory)") from None
-    except PermissionError:
-        raise ImageLoadError("not_found", f"image file {path} cannot be read: permission denied") from None
-    except OSError as exc:
-        raise ImageLoadError("not_found", f"image file {path} cannot be read: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-        raise ImageLoadError("bad_reference", f"cannot load {shorten(ref)!r}: {path} is {kind}")
-    if info.st_size > limit:
-        raise too_large_error(f"image file {path}", info.st_size, limit)
-    try:
-        # O_NONBLOCK: never hang on a FIFO swapped in after the stat above.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ImageLoadError("not_found", f"image file {path} does not exist") from None
-    except OSError as exc:
-        raise ImageLoadError("not_found", f"image file {path} cannot be read: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb", buffering=0) as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageLoadError("bad_reference", f"cannot load {shorten(ref)!r}: {path} is not a regular file")
-        if info.st_size > limit:
-            raise too_large_error(f"image file {path}", info.st_size, limit)
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            try:
-                chunk = fh.read(min(1 << 20, limit + 1 - total))
-            except OSError as exc:
-                raise ImageLoadError("not_found", f"image file {path} cannot be read: {exc.strerror or exc}") from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:  # the file grew after the size check
-                raise too_large_error(f"image file {path}", None, limit)
-    return b"".join(chunks)
-
-
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-
-
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-
-
-_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped, "IPv4-mapped"
-    if ip.sixtofour is not None:
-        return ip.sixtofour, "6to4"
-    if ip.teredo is not None:
-        return ip.teredo[1], "Teredo"
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), "NAT64"
-    return None
-
-
-def _blocked_reason(ip: IPAddress) -> str | None:
-    """Why ``ip`` must not be fetched from, or None when it is a public unicast address."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.scope_id:
-            ip = ipaddress.IPv6Address(str(ip).split("%", 1)[0])
-        embedded = _embedded_ipv4(ip)
-        if embedded is not None:
-            v4, kind = embedded
-            inner = _blocked_reason(v4)
-            if inner is not None:
-                return f"an {kind} form of {v4}, {inner}"
-            return None
-        if ip in _NAT64_LOCAL:
-            return "a local-use NAT64 address"
-    if ip.is_unspecified:
-        return "an unspecified address"
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip in _METADATA:
-        return "a link-local address (the cloud metadata service)"
-    if ip.is_link_local:
-        return "a link-local address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
-        return "a shared (CGNAT 100.64.0.0/10) address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
-        return "a site-local address"
-    if ip.is_reserved:
-        return "a reserved address"
-    if ip.is_private:
-        return "a private address"
-    if not ip.is_global:
-        return "not a globally routable address"
-    return None
-
-
-def _allow_entries(settings: Settings) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]]:
-    return [parse_allow_entry(entry) for entry in settings.fetch_allow_hosts]
-
-
-def _is_allowed(ip: IPAddress, port: int, entries) -> bool:
-    candidates: list[IPAddress] = [ip]
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.scope_id:
-            ip = ipaddress.IPv6Address(str(ip).split("%", 1)[0])
-            candidates = [ip]
-        if ip.ipv4_mapped is not None:
-            candidates.append(ip.ipv4_mapped)
-    for network, allowed_port in entries:
-        if allowed_port is not None and allowed_port != port:
-            continue
-        for candidate in candidates:
-            if candidate.version == network.version and candidate in network:
-                return True
-    return False
+    raise ImageLoadError("bad_reference", f"cannot load {describe_ref(ref)!r}: {why} ({_SUPPORTED})")
 
 
 def _resolve(host: str, port: int) -> list[str]:
@@ -216,7 +88,7 @@ def _resolve(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     seen: list[str] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
-        address = sockaddr[0]
+        address = str(sockaddr[0])
         if address not in seen:
             seen.append(address)
     return seen
@@ -232,28 +104,32 @@ class _Target:
     host_header: str
 
 
+def _via(url: str, original: str) -> str:
+    return f" (redirected from {describe_ref(original)})" if url != original else ""
+
+
 def _parse_http_url(url: str, original: str) -> _Target:
+    shown = describe_ref(url)
     try:
         parsed = urllib3.util.parse_url(url)
-    except u3exc.LocationParseError as exc:
-        raise ImageLoadError("bad_reference", f"cannot parse URL {shorten(url)!r}: {exc}") from None
+    except u3exc.LocationParseError:
+        raise ImageLoadError("bad_reference", f"cannot parse URL {shown!r}{_via(url, original)}") from None
     scheme = (parsed.scheme or "").lower()
     if scheme not in ("http", "https"):
         raise ImageLoadError(
             "bad_reference",
-            f"refused to fetch {shorten(url)!r}"
-            + (f" (redirected from {shorten(original)})" if url != original else "")
-            + f": the {scheme or 'missing'} scheme is not allowed, only http:// and https://",
+            f"refused to fetch {shown!r}{_via(url, original)}: the {scheme or 'missing'} scheme is not "
+            "allowed, only http:// and https://",
         )
     host = (parsed.host or "").strip("[]").rstrip(".").lower()
     if not host:
-        raise ImageLoadError("bad_reference", f"URL {shorten(url)!r} has no host")
+        raise ImageLoadError("bad_reference", f"URL {shown!r} has no host")
     if parsed.auth:
-        raise ImageLoadError("bad_reference", f"URL {shorten(url)!r} embeds credentials; they are not supported")
+        raise ImageLoadError("bad_reference", f"URL {shown!r} embeds credentials; they are not supported")
     default_port = 443 if scheme == "https" else 80
     port = parsed.port or default_port
     if not 0 < port < 65536:
-        raise ImageLoadError("bad_reference", f"URL {shorten(url)!r} has an invalid port {port}")
+        raise ImageLoadError("bad_reference", f"URL {shown!r} has an invalid port {port}")
     shown_host = f"[{host}]" if ":" in host else host
     host_header = shown_host if port == default_port else f"{shown_host}:{port}"
     return _Target(
@@ -266,9 +142,9 @@ def _parse_http_url(url: str, original: str) -> _Target:
     )
 
 
-def _vet(target: _Target, original: str, settings: Settings, deadline: float) -> list[str]:
+def _vet(target: _Target, original: str, settings: Settings, deadline: Deadline) -> list[str]:
     """Resolve the target host and return its addresses, or raise blocked_address."""
-    via = f" (redirected from {shorten(original)})" if target.url != original else ""
+    where = f"{describe_ref(target.url)}{_via(target.url, original)}"
     try:
         literal = ipaddress.ip_address(target.host)
     except ValueError:
@@ -277,97 +153,129 @@ def _vet(target: _Target, original: str, settings: Settings, deadline: float) ->
         addresses = [str(literal)]
     else:
         try:
-            addresses = _resolve(target.host, target.port)
+            addresses = deadline.call_within(_resolve, target.host, target.port)
+        except DeadlinePassed:
+            raise _deadline_error(original, settings, f"resolving {target.host}") from None
         except (socket.gaierror, UnicodeError, OSError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise ImageLoadError(
-                "unreachable", f"cannot fetch {shorten(target.url)}{via}: host {target.host} does not resolve ({reason})"
+                "unreachable", f"cannot fetch {where}: host {target.host} does not resolve ({reason})"
             ) from None
         if not addresses:
-            raise ImageLoadError(
-                "unreachable", f"cannot fetch {shorten(target.url)}{via}: host {target.host} has no addresses"
-            )
-    if time.monotonic() > deadline:
-        raise _deadline_error(target.url, settings)
-    entries = _allow_entries(settings)
+            raise ImageLoadError("unreachable", f"cannot fetch {where}: host {target.host} has no addresses")
+    if deadline.fired:
+        raise _deadline_error(original, settings, f"resolving {target.host}")
+    entries = allow_entries(settings)
     for address in addresses:
         ip = ipaddress.ip_address(address)
-        reason = _blocked_reason(ip)
-        if reason is None or _is_allowed(ip, target.port, entries):
+        reason = blocked_reason(ip)
+        if reason is None or is_allowed(ip, target.port, entries):
             continue
         subject = address if literal is not None else f"{target.host} resolves to {address}, which"
-        raise ImageLoadError(
-            "blocked_address",
-            f"refused to fetch {shorten(target.url)}{via}: {subject} is {reason} ({_ALLOW_HINT})",
-        )
+        raise ImageLoadError("blocked_address", f"refused to fetch {where}: {subject} is {reason} ({_ALLOW_HINT})")
     return addresses
 
 
-def _deadline_error(url: str, settings: Settings) -> ImageLoadError:
+def _deadline_error(url: str, settings: Settings, phase: str = "") -> ImageLoadError:
+    during = f" (still {phase})" if phase else ""
     return ImageLoadError(
         "timeout",
-        f"fetching {shorten(url)} took longer than {settings.fetch_total_timeout:g}s (CATALOG_FETCH_TOTAL_TIMEOUT)",
+        f"fetching {describe_ref(url)} took longer than {settings.fetch_total_timeout:g}s{during} "
+        "(CATALOG_FETCH_TOTAL_TIMEOUT)",
     )
 
 
-def _make_pool(target: _Target, address: str, timeout: urllib3.Timeout) -> urllib3.HTTPConnectionPool:
+class _GuardedHTTPConnection(u3conn.HTTPConnection):
+    """Registers its socket with the fetch's :class:`Deadline` as soon as it is connected."""
+
+    def __init__(self, *args, deadline: Deadline, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self._deadline.guard(sock)  # before any TLS handshake or request is sent
+        return sock
+
+
+class _GuardedHTTPSConnection(u3conn.HTTPSConnection):
+    def __init__(self, *args, deadline: Deadline, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self._deadline.guard(sock)
+        return sock
+
+
+class _GuardedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+def _make_pool(target: _Target, address: str, timeout: urllib3.Timeout,
+               deadline: Deadline) -> urllib3.HTTPConnectionPool:
     """A one-connection pool to the vetted ``address`` that still speaks as ``target.host``."""
-    common = dict(host=address, port=target.port, timeout=timeout, maxsize=1, retries=False, block=False)
     if target.scheme == "https":
-        return urllib3.HTTPSConnectionPool(
-            **common,
-            cert_reqs="CERT_REQUIRED",
-            server_hostname=target.host,
-            assert_hostname=target.host,
+        return _GuardedHTTPSPool(
+            address, target.port, timeout=timeout, maxsize=1, retries=False, block=False, deadline=deadline,
+            cert_reqs="CERT_REQUIRED", server_hostname=target.host, assert_hostname=target.host,
         )
-    return urllib3.HTTPConnectionPool(**common)
+    return _GuardedHTTPPool(address, target.port, timeout=timeout, maxsize=1, retries=False, block=False,
+                            deadline=deadline)
 
 
 def _fetch_http(url: str, settings: Settings) -> bytes:
-    deadline = time.monotonic() + settings.fetch_total_timeout
-    current = url
-    redirects = 0
-    while True:
-        target = _parse_http_url(current, url)
-        addresses = _vet(target, url, settings, deadline)
-        outcome = _request(target, addresses, url, settings, deadline)
-        if isinstance(outcome, bytes):
-            return outcome
-        # a redirect: outcome is the absolute Location
-        redirects += 1
-        if redirects > settings.fetch_max_redirects:
-            raise ImageLoadError(
-                "too_many_redirects",
-                f"fetching {shorten(url)} needed more than {settings.fetch_max_redirects} redirect(s) "
-                f"(last to {shorten(outcome)}; CATALOG_FETCH_MAX_REDIRECTS)",
-            )
-        current = outcome
+    with Deadline(settings.fetch_total_timeout) as deadline:
+        current = url
+        redirects = 0
+        while True:
+            target = _parse_http_url(current, url)
+            addresses = _vet(target, url, settings, deadline)
+            outcome = _request(target, addresses, url, settings, deadline)
+            if isinstance(outcome, bytes):
+                return outcome
+            # a redirect: outcome is the absolute Location
+            redirects += 1
+            if redirects > settings.fetch_max_redirects:
+                raise ImageLoadError(
+                    "too_many_redirects",
+                    f"fetching {describe_ref(url)} needed more than {settings.fetch_max_redirects} redirect(s) "
+                    f"(last to {describe_ref(outcome)}; CATALOG_FETCH_MAX_REDIRECTS)",
+                )
+            current = outcome
 
 
-def _request(target: _Target, addresses: list[str], original: str, settings: Settings, deadline: float):
+_HEADERS = {
+    "User-Agent": _USER_AGENT,
+    "Accept": "image/*, */*;q=0.5",
+    "Accept-Encoding": "identity",
+}
+
+
+def _request(target: _Target, addresses: list[str], original: str, settings: Settings, deadline: Deadline):
     """GET ``target`` from the first reachable vetted address; bytes, or a redirect URL (str)."""
-    via = f" (redirected from {shorten(original)})" if target.url != original else ""
+    via = _via(target.url, original)
     last_error: ImageLoadError | None = None
     for address in addresses:
-        remaining = deadline - time.monotonic()
+        remaining = deadline.remaining()
         if remaining <= 0:
-            raise _deadline_error(original, settings)
+            raise _deadline_error(original, settings, f"connecting to {target.host}")
         timeout = urllib3.Timeout(
             connect=min(settings.fetch_connect_timeout, remaining),
             read=min(settings.fetch_read_timeout, remaining),
         )
-        pool = _make_pool(target, address, timeout)
+        pool = _make_pool(target, address, timeout, deadline)
         try:
             try:
                 response = pool.urlopen(
                     "GET",
                     target.request_uri,
-                    headers={
-                        "Host": target.host_header,
-                        "User-Agent": _USER_AGENT,
-                        "Accept": "image/*, */*;q=0.5",
-                        "Accept-Encoding": "identity",
-                    },
+                    headers={"Host": target.host_header, **_HEADERS},
                     redirect=False,
                     retries=False,
                     assert_same_host=False,
@@ -378,19 +286,26 @@ def _request(target: _Target, addresses: list[str], original: str, settings: Set
             except ImageLoadError:
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a code below
+                if deadline.fired:
+                    # the watchdog cut the connection (or the clock ran out) mid-handshake,
+                    # mid-status-line or mid-headers
+                    raise _deadline_error(original, settings, f"waiting for {target.host}'s response") from None
                 error = _map_urllib3_error(exc, target, via, settings)
-                if error.code == "timeout" and time.monotonic() >= deadline:
-                    raise _deadline_error(original, settings) from None
                 if error.code == "unreachable" or (error.code == "timeout" and _is_connect_error(exc)):
                     last_error = error  # try the next vetted address
                     continue
                 raise error from None
+            if deadline.fired:
+                # the watchdog cut the head short: http.client takes EOF as its end
+                response.close()
+                raise _deadline_error(original, settings, f"waiting for {target.host}'s response")
             try:
                 return _read_response(response, target, via, original, settings, deadline)
             finally:
                 response.close()  # never drain: an oversized or endless body is just dropped
         finally:
             pool.close()
+            deadline.release()
     assert last_error is not None
     raise last_error
 
@@ -404,10 +319,12 @@ def _is_connect_error(exc: BaseException) -> bool:
 def _map_urllib3_error(exc: BaseException, target: _Target, via: str, settings: Settings) -> ImageLoadError:
     if isinstance(exc, u3exc.MaxRetryError) and exc.reason is not None:
         exc = exc.reason
-    where = f"{shorten(target.url)}{via}"
+    where = f"{describe_ref(target.url)}{via}"
     if isinstance(exc, u3exc.NewConnectionError):
         detail = _errno_text(exc)
-        return ImageLoadError("unreachable", f"cannot connect to {target.host} port {target.port} for {where}: {detail}")
+        return ImageLoadError(
+            "unreachable", f"cannot connect to {target.host} port {target.port} for {where}: {detail}"
+        )
     if isinstance(exc, u3exc.ConnectTimeoutError):
         return ImageLoadError(
             "timeout",
@@ -444,9 +361,19 @@ def _errno_text(exc: BaseException) -> str:
     return text.split(": ", 1)[-1] if ": " in text else text
 
 
-def _read_response(response, target: _Target, via: str, original: str, settings: Settings, deadline: float):
+def _declared_length(response) -> int | None:
+    header = response.headers.get("Content-Length")
+    if header is None:
+        return None
+    try:
+        return int(header.split(",")[0].strip())
+    except ValueError:
+        return None
+
+
+def _read_response(response, target: _Target, via: str, original: str, settings: Settings, deadline: Deadline):
     status = response.status
-    where = f"{shorten(target.url)}{via}"
+    where = f"{describe_ref(target.url)}{via}"
     if status in _REDIRECT_STATUSES:
         location = response.headers.get("Location")
         if location:
@@ -457,39 +384,35 @@ def _read_response(response, target: _Target, via: str, original: str, settings:
             "http_status", f"GET {where} returned HTTP {status}{(' ' + reason) if reason else ''}", status=status
         )
     limit = settings.fetch_max_bytes
-    length_header = response.headers.get("Content-Length")
-    if length_header is not None:
-        try:
-            declared = int(length_header.split(",")[0].strip())
-        except ValueError:
-            declared = None
-        if declared is not None and declared > limit:
-            raise too_large_error(where, declared, limit, how=" (Content-Length)")
+    declared = _declared_length(response)
+    if declared is not None and declared > limit:
+        raise too_large_error(where, declared, limit, how=" (Content-Length)")
     chunks: list[bytes] = []
     total = 0
     sock = _response_socket(response)
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = deadline.remaining()
         if remaining <= 0:
-            raise _deadline_error(original, settings)
+            raise _deadline_error(original, settings, "reading the body")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.settimeout(min(settings.fetch_read_timeout, remaining))
-            except OSError:
-                pass
         try:
             chunk = response.read1(_CHUNK)  # returns what has arrived; read() would wait for a full chunk
         except Exception as exc:  # noqa: BLE001
-            error = _map_urllib3_error(exc, target, via, settings)
-            if error.code == "timeout" and time.monotonic() >= deadline:
-                error = _deadline_error(original, settings)
-            raise error from None
+            if deadline.fired:
+                raise _deadline_error(original, settings, "reading the body") from None
+            raise _map_urllib3_error(exc, target, via, settings) from None
         if not chunk:
             break
         chunks.append(chunk)
         total += len(chunk)
         if total > limit:
             raise too_large_error(where, None, limit, how=" (stopped reading)")
+    if deadline.fired:
+        # the watchdog's shutdown looks like the end of a close-delimited body: never
+        # return what arrived by then as if it were the whole image
+        raise _deadline_error(original, settings, "reading the body")
     return b"".join(chunks)
 
 

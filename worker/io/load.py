@@ -2,7 +2,8 @@
 
 ``load_image(ref, settings)`` is the one entry point the pipeline needs. It
 
-* accepts ``http://``, ``https://`` and ``file://`` URLs and absolute paths, nothing else;
+* accepts ``http://``, ``https://`` and ``file://`` URLs and absolute paths, nothing else,
+  and reads local files only under ``CATALOG_FETCH_ALLOW_DIRS``;
 * refuses to talk to internal addresses (SSRF): the host is resolved here, *every*
   resolved address is vetted, and the connection goes to the vetted IP itself (with the
   original Host header and TLS SNI / certificate hostname), so a DNS answer cannot
@@ -29,7 +30,7 @@ from PIL import (
 
 from worker.config import Settings
 from worker.io.decode import decode_image
-from worker.io.errors import ImageLoadError, shorten
+from worker.io.errors import ImageLoadError, describe_ref
 from worker.io.fetch import fetch_bytes
 
 __all__ = ["ImageLoadError", "LoadedImage", "fetch_bytes", "decode_image", "load_image"]
@@ -52,7 +53,9 @@ def load_image(ref: str, settings: Settings) -> LoadedImage:
     try:
         image, fmt = decode_image(raw, settings)
     except ImageLoadError as exc:
-        raise ImageLoadError(exc.code, f"{shorten(ref)}: {exc.message}", status=exc.status, transient=exc.transient) from None
+        raise ImageLoadError(
+            exc.code, f"{describe_ref(ref)}: {exc.message}", status=exc.status, transient=exc.transient
+        ) from None
     return LoadedImage(
         image=image,
         raw=raw,

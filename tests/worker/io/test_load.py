@@ -17,6 +17,7 @@ from PIL import Image
 from tests.support import images
 from tests.support.http import LocalImageServer, make_certificates, server_ssl_context
 from worker.config import load_settings
+from worker.io import addresses
 from worker.io import fetch as imageio
 from worker.io.decode import decode_image
 from worker.io.errors import ImageLoadError
@@ -51,6 +52,7 @@ def make_settings(tmp_path: Path, **overrides):
         "fetch_connect_timeout": 2.0,
         "fetch_read_timeout": 2.0,
         "fetch_total_timeout": 5.0,
+        "fetch_allow_dirs": [str(tmp_path)],
     }
     values.update(overrides)
     return load_settings(**values)
@@ -171,7 +173,7 @@ def test_max_pixels_is_per_call_and_pillow_global_untouched(tmp_path: Path) -> N
     # a bomb between our limit and Pillow's own warning threshold is still an error
     bomb = images.write_png_bomb(tmp_path / "mid.png", side=10000)  # 100 MP > Pillow's 89 MP warning
     expect("too_many_pixels", load_image, str(bomb), make_settings(tmp_path))
-    assert Image.MAX_IMAGE_PIXELS == before
+    assert before == Image.MAX_IMAGE_PIXELS
 
 
 def test_unsupported_formats(tmp_path: Path) -> None:
@@ -553,14 +555,15 @@ def test_https_to_vetted_ip_with_sni_and_certificate_check(
     ],
 )
 def test_blocked_address_classes(address: str, words: str) -> None:
-    reason = imageio._blocked_reason(ipaddress.ip_address(address))
+    reason = addresses.blocked_reason(ipaddress.ip_address(address))
     assert reason is not None, address
     assert words in reason
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8", "100.128.0.1"])
+@pytest.mark.parametrize("address",
+                         ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8", "100.128.0.1"])
 def test_public_addresses_pass(address: str) -> None:
-    assert imageio._blocked_reason(ipaddress.ip_address(address)) is None
+    assert addresses.blocked_reason(ipaddress.ip_address(address)) is None
 
 
 def test_blocked_literal_addresses_via_fetch(tmp_path: Path) -> None:
@@ -571,13 +574,13 @@ def test_blocked_literal_addresses_via_fetch(tmp_path: Path) -> None:
 
 
 def test_allow_list_matches_mapped_and_cidr(tmp_path: Path) -> None:
-    entries = [imageio.parse_allow_entry(e) for e in ["10.0.0.0/8", "127.0.0.1:8080", "[::1]:9000"]]
-    assert imageio._is_allowed(ipaddress.ip_address("10.2.3.4"), 80, entries)
-    assert imageio._is_allowed(ipaddress.ip_address("::ffff:10.2.3.4"), 80, entries)
-    assert imageio._is_allowed(ipaddress.ip_address("127.0.0.1"), 8080, entries)
-    assert not imageio._is_allowed(ipaddress.ip_address("127.0.0.1"), 8081, entries)
-    assert imageio._is_allowed(ipaddress.ip_address("::1"), 9000, entries)
-    assert not imageio._is_allowed(ipaddress.ip_address("192.168.0.1"), 80, entries)
+    entries = [addresses.parse_allow_entry(e) for e in ["10.0.0.0/8", "127.0.0.1:8080", "[::1]:9000"]]
+    assert addresses.is_allowed(ipaddress.ip_address("10.2.3.4"), 80, entries)
+    assert addresses.is_allowed(ipaddress.ip_address("::ffff:10.2.3.4"), 80, entries)
+    assert addresses.is_allowed(ipaddress.ip_address("127.0.0.1"), 8080, entries)
+    assert not addresses.is_allowed(ipaddress.ip_address("127.0.0.1"), 8081, entries)
+    assert addresses.is_allowed(ipaddress.ip_address("::1"), 9000, entries)
+    assert not addresses.is_allowed(ipaddress.ip_address("192.168.0.1"), 80, entries)
 
 
 def test_concurrent_loads_are_independent(tmp_path: Path, files: Path) -> None:
