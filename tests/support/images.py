@@ -142,6 +142,94 @@ def write_png_bomb(path: str | Path, side: int = 30000) -> Path:
     return path
 
 
+def write_png_text_bomb(path: str | Path, expanded: int = 64 << 20, chunks: int = 1, kind: bytes = b"zTXt",
+                        after_pixels: bool = False) -> Path:
+    """A small valid PNG whose compressed text chunk(s) expand to ``expanded`` bytes each.
+
+    ``kind`` is ``zTXt``, ``iTXt`` (compressed) or ``iCCP``; ``after_pixels`` puts them after
+    the image data, where a decoder meets them only while loading the pixels. One 64 MiB
+    chunk is about 64 KB on disk.
+    """
+    path = _prepare(path)
+    compressor = zlib.compressobj(9)
+    block = bytes(1 << 20)
+    parts = [compressor.compress(block) for _ in range(expanded >> 20)]
+    parts.append(compressor.compress(bytes(expanded & ((1 << 20) - 1))))
+    parts.append(compressor.flush())
+    packed = b"".join(parts)
+    if kind == b"zTXt":
+        payload = b"Comment\x00\x00" + packed
+    elif kind == b"iTXt":
+        payload = b"Comment\x00\x01\x00\x00\x00" + packed  # compressed, method 0, no language
+    elif kind == b"iCCP":
+        payload = b"icc\x00\x00" + packed
+    else:
+        raise ValueError(f"unknown chunk kind {kind!r}")
+    pixels = zlib.compress(b"".join(b"\x00" + bytes(8 * 3) for _ in range(8)))
+    metadata = b"".join(_png_chunk(kind, payload) for _ in range(chunks))
+    with path.open("wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n")
+        fh.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)))  # 8x8 RGB
+        if not after_pixels:
+            fh.write(metadata)
+        fh.write(_png_chunk(b"IDAT", pixels))
+        if after_pixels:
+            fh.write(metadata)
+        fh.write(_png_chunk(b"IEND", b""))
+    return path
+
+
+def write_webp_bomb(path: str | Path, side: int = 16384, container: str = "VP8L") -> Path:
+    """A WebP that declares ``side`` x ``side`` pixels in a few dozen bytes.
+
+    A tiny one-colour image is encoded (lossless ``VP8L``, lossless with EXIF so it gets a
+    ``VP8X`` header, or lossy ``VP8 ``) and the size fields in its header are rewritten.
+    """
+    import io
+
+    path = _prepare(path)
+    buffer = io.BytesIO()
+    tiny = Image.new("RGB", (16, 16), (200, 10, 10))
+    if container == "VP8L":
+        tiny.save(buffer, "WEBP", lossless=True)
+    elif container == "VP8X":
+        exif = Image.Exif()
+        exif[0x010F] = "test"
+        tiny.save(buffer, "WEBP", lossless=True, exif=exif.tobytes())
+    elif container == "VP8":
+        tiny.save(buffer, "WEBP", quality=80)
+    else:
+        raise ValueError(f"unknown WebP container {container!r}")
+    data = bytearray(buffer.getvalue())
+    if container == "VP8X":
+        assert data[12:16] == b"VP8X"
+        data[24:27] = (side - 1).to_bytes(3, "little")
+        data[27:30] = (side - 1).to_bytes(3, "little")
+    vp8l = data.find(b"VP8L")
+    if container in ("VP8L", "VP8X"):
+        assert vp8l >= 12 and data[vp8l + 8] == 0x2F
+        bits = int.from_bytes(data[vp8l + 9:vp8l + 13], "little")
+        bits = (bits & ~((1 << 28) - 1)) | (min(side, 16384) - 1) | ((min(side, 16384) - 1) << 14)
+        data[vp8l + 9:vp8l + 13] = bits.to_bytes(4, "little")
+    else:
+        vp8 = data.find(b"VP8 ")
+        assert data[vp8 + 11:vp8 + 14] == b"\x9d\x01\x2a"
+        data[vp8 + 14:vp8 + 18] = struct.pack("<HH", min(side, 16383), min(side, 16383))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def write_rgba_photo(path: str | Path, size: tuple[int, int], seed: int = 0) -> Path:
+    """A photo with a varying alpha channel (PNG), quick to write even at tens of megapixels."""
+    path = _prepare(path)
+    width, height = size
+    base = photo((min(width, 640), min(height, 480)), seed).resize(size, Image.Resampling.NEAREST)
+    alpha = Image.linear_gradient("L").resize(size, Image.Resampling.NEAREST)
+    base.putalpha(alpha)
+    base.save(path, "PNG", compress_level=1)
+    return path
+
+
 # --- colour modes and metadata ---------------------------------------------------------
 
 
@@ -189,7 +277,8 @@ def write_exif_rotated_jpeg(path: str | Path, size: tuple[int, int] = (80, 40), 
     return path
 
 
-def write_animated_gif(path: str | Path, size: tuple[int, int] = (32, 24), colours=((255, 0, 0), (0, 255, 0), (0, 0, 255))) -> Path:
+def write_animated_gif(path: str | Path, size: tuple[int, int] = (32, 24),
+                       colours=((255, 0, 0), (0, 255, 0), (0, 0, 255))) -> Path:
     """Animated GIF, one solid colour per frame; the first frame is ``colours[0]``."""
     path = _prepare(path)
     frames = [Image.new("RGB", size, colour) for colour in colours]

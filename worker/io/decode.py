@@ -9,6 +9,7 @@ animations).
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -19,7 +20,6 @@ from PIL import (
     GifImagePlugin,
     Image,
     ImageFile,
-    ImageOps,
     JpegImagePlugin,
     PngImagePlugin,
     TiffImagePlugin,
@@ -51,7 +51,8 @@ def _sniff(data: bytes) -> str | None:
 
 _KNOWN_OTHER = (
     (lambda d: d[4:8] == b"ftyp" and d[8:12] in (b"avif", b"avis"), "AVIF"),
-    (lambda d: d[4:8] == b"ftyp" and d[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"), "HEIF/HEIC"),
+    (lambda d: d[4:8] == b"ftyp" and d[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"),
+     "HEIF/HEIC"),
     (lambda d: d.startswith(b"\xff\x0a") or d.startswith(b"\x00\x00\x00\x0cJXL \r\n\x87\n"), "JPEG XL"),
     (lambda d: d.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or d.startswith(b"\xff\x4f\xff\x51"), "JPEG 2000"),
     (lambda d: d.startswith(b"%PDF-"), "PDF"),
@@ -104,22 +105,60 @@ _FACTORIES = _factories()  # read-only after import
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error, zlib.error)
 
 
-def _looks_like_text(data: bytes) -> bool:
+def _content_hint(data: bytes) -> str:
+    """What non-image data looks like, in words: the bytes themselves are never quoted
+    (a local file or an internal page must not end up in ``images.error``)."""
     sample = data[:512]
-    if not sample:
-        return False
     try:
-        sample.decode("utf-8")
+        text = sample.decode("utf-8")
     except UnicodeDecodeError as exc:
         if exc.start < len(sample) - 4:
-            return False
-    return all(b >= 0x20 or b in b"\t\r\n\f" for b in sample)
+            return "no known image signature"
+        text = sample[: exc.start].decode("utf-8")
+    if not all(ch >= " " or ch in "\t\r\n\f" for ch in text):
+        return "no known image signature"
+    head = text.lstrip().lower()
+    if head.startswith(("<!doctype html", "<html")) or "<body" in head:
+        return "it looks like an HTML page"
+    if head.startswith("<?xml") or head.startswith("<"):
+        return "it looks like XML"
+    if head.startswith(("{", "[")):
+        return "it looks like JSON"
+    return "it looks like text"
+
+
+# Pillow quotes raw bytes of the file in some messages (b'...' chunk names, tag values).
+_BYTES_LITERAL = re.compile(r"(?<!\w)(?:b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*")')
+
+
+def _pillow_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return _BYTES_LITERAL.sub("<bytes>", text)
+
+
+def _metadata_bomb(fmt: str, exc: BaseException) -> ImageLoadError | None:
+    """``decompression_bomb`` when Pillow refused a metadata chunk for its expanded size."""
+    text = str(exc)
+    if fmt != "PNG" or "MAX_TEXT" not in text:
+        return None
+    limit = PngImagePlugin.MAX_TEXT_CHUNK
+    if "MAX_TEXT_MEMORY" in text:
+        what = f"text chunks that expand to more than {PngImagePlugin.MAX_TEXT_MEMORY / 2**20:g} MiB in all"
+    else:
+        what = f"a compressed text or ICC-profile chunk that expands to more than {limit / 2**20:g} MiB"
+    return ImageLoadError(
+        "decompression_bomb",
+        f"PNG metadata is a decompression bomb: {what}; the image is refused",
+    )
 
 
 def _decode_failure(fmt: str, exc: BaseException, what: str) -> ImageLoadError:
     """``truncated`` for damaged data; ``unsupported_format`` when Pillow says it cannot
     handle a valid variant (a TIFF pixel layout, a BMP compression, ...)."""
-    text = str(exc) or type(exc).__name__
+    bomb = _metadata_bomb(fmt, exc)
+    if bomb is not None:
+        return bomb
+    text = _pillow_text(exc)
     lowered = text.lower()
     if any(word in lowered for word in ("unsupported", "not supported", "unknown pixel mode", "unknown compression")):
         return ImageLoadError("unsupported_format", f"this {fmt} variant is not supported: {text}")
@@ -135,8 +174,68 @@ def _pixels_error(width: int, height: int, settings: Settings) -> ImageLoadError
     )
 
 
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _pillow_bomb_error(fmt: str, exc: BaseException, settings: Settings) -> ImageLoadError:
+    """Pillow's own pixel-bomb refusal, told in terms of ``CATALOG_MAX_PIXELS``."""
+    match = _BOMB_PIXELS.search(str(exc))
+    pixels = int(match.group(1)) if match else None
+    if pixels is not None and pixels > settings.max_pixels:
+        size = f"{pixels / 1e6:.1f} MP"
+        return ImageLoadError(
+            "too_many_pixels",
+            f"{fmt} image has {size}, above the {settings.max_pixels / 1e6:.1f} MP limit (CATALOG_MAX_PIXELS)",
+        )
+    shown = f"{pixels / 1e6:.1f} MP" if pixels is not None else "too many pixels"
+    return ImageLoadError(
+        "too_many_pixels",
+        f"{fmt} image has {shown}: more than the decoder accepts at all, although "
+        f"CATALOG_MAX_PIXELS ({settings.max_pixels / 1e6:.1f} MP) would allow it",
+    )
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """Canvas size from a WebP header (VP8X, VP8L or VP8 chunk), or None when unreadable.
+
+    Read here because Pillow's WebP plugin refuses a pixel bomb while opening, before its
+    size can be asked, and words the refusal in its own internal limit."""
+    chunk = data[12:16]
+    body = data[20:40]
+    try:
+        if chunk == b"VP8X" and len(body) >= 10:
+            return 1 + int.from_bytes(body[4:7], "little"), 1 + int.from_bytes(body[7:10], "little")
+        if chunk == b"VP8L" and len(body) >= 5 and body[0] == 0x2F:
+            bits = int.from_bytes(body[1:5], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8 " and len(body) >= 10 and body[3:6] == b"\x9d\x01\x2a":
+            width, height = struct.unpack_from("<HH", body, 6)
+            return width & 0x3FFF, height & 0x3FFF
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def _open(fmt: str, factory, data: bytes, settings: Settings) -> ImageFile.ImageFile:
+    if fmt == "WEBP":
+        size = _webp_size(data)
+        if size is not None and size[0] * size[1] > settings.max_pixels:
+            raise _pixels_error(size[0], size[1], settings)
+    try:
+        return factory(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _pillow_bomb_error(fmt, exc, settings) from None
+    except _DECODE_ERRORS as exc:
+        raise _decode_failure(fmt, exc, "header is corrupt or cut off") from None
+
+
 def decode_image(data: bytes, settings: Settings) -> tuple[Image.Image, str]:
-    """Decode ``data`` into an RGB image; return it with the sniffed format name."""
+    """Decode ``data`` into an RGB image; return it with the sniffed format name.
+
+    Memory: the decoded frame and the RGB result are the only full-size buffers alive at
+    once (no copy for orientation or for a frame that already is RGB; transparency is
+    composited straight into the RGB result; wide greyscale is scaled in strips).
+    """
     if not data:
         raise ImageLoadError("not_an_image", "data is empty (0 bytes)")
     fmt = _sniff(data)
@@ -147,22 +246,13 @@ def decode_image(data: bytes, settings: Settings) -> tuple[Image.Image, str]:
                 "unsupported_format",
                 f"{other} images are not supported (only JPEG, PNG, WEBP, GIF, BMP, TIFF)",
             )
-        hint = "it looks like text" if _looks_like_text(data) else "no known image signature"
-        raise ImageLoadError(
-            "not_an_image", f"data is not an image ({hint}; starts with {bytes(data[:16])!r})"
-        )
+        raise ImageLoadError("not_an_image", f"data is not an image ({_content_hint(data)}, {len(data)} bytes)")
     factory = _FACTORIES.get(fmt)
     if factory is None:
         raise ImageLoadError("unsupported_format", f"{fmt} decoding is not available in this Pillow build")
 
+    opened = _open(fmt, factory, data, settings)
     try:
-        opened = factory(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError("too_many_pixels", f"{fmt} image is too large: {exc} (CATALOG_MAX_PIXELS)") from None
-    except _DECODE_ERRORS as exc:
-        raise _decode_failure(fmt, exc, "header is corrupt or cut off") from None
-
-    with opened:
         width, height = opened.size
         if width <= 0 or height <= 0:
             raise ImageLoadError("truncated", f"{fmt} header gives an empty size {width}x{height}")
@@ -171,46 +261,96 @@ def decode_image(data: bytes, settings: Settings) -> tuple[Image.Image, str]:
         try:
             opened.load()  # frame 0 only; other frames of an animation are never decoded
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageLoadError("too_many_pixels", f"{fmt} image is too large: {exc} (CATALOG_MAX_PIXELS)") from None
+            raise _pillow_bomb_error(fmt, exc, settings) from None
         except MemoryError:
             raise _pixels_error(width, height, settings) from None
         except _DECODE_ERRORS as exc:
             raise _decode_failure(fmt, exc, "data is truncated or corrupt") from None
-        frame = _apply_orientation(opened)
-        if frame.width * frame.height > settings.max_pixels:
-            raise _pixels_error(frame.width, frame.height, settings)
+        transpose = _orientation(opened)
         try:
-            rgb = _to_rgb(frame)
+            rgb = _to_rgb(opened)
         except ValueError as exc:
-            raise ImageLoadError("unsupported_format", f"{fmt} image in mode {frame.mode} cannot be converted to RGB: {exc}") from None
+            raise ImageLoadError(
+                "unsupported_format",
+                f"{fmt} image in mode {opened.mode} cannot be converted to RGB: {_pillow_text(exc)}",
+            ) from None
+    finally:
+        opened.close()  # the decoded frame's memory goes now, unless rgb shares it
+    if transpose is not None:
+        rgb = rgb.transpose(transpose)  # after the conversion: one RGB buffer, not the source's
     return rgb, fmt
 
 
-def _apply_orientation(image: ImageFile.ImageFile) -> Image.Image:
-    """A copy of ``image`` turned upright per its EXIF orientation tag."""
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(image: Image.Image) -> Image.Transpose | None:
+    """The transpose that turns ``image`` upright per its EXIF (or XMP) orientation tag,
+    as ``ImageOps.exif_transpose`` reads it; None when it already is."""
     try:
-        return ImageOps.exif_transpose(image)
+        value = image.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
-        return image.copy()
+        return None
+    return _TRANSPOSE.get(value) if isinstance(value, int) else None
+
+
+def _detached(image: Image.Image) -> Image.Image:
+    """A plain image sharing ``image``'s pixels (no copy) that outlives closing the file."""
+    return image._new(image.im)
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+    """Alpha over a white background, written straight into the RGB result: the same
+    pixels as ``Image.alpha_composite`` onto opaque white, without its two extra RGBA
+    buffers."""
+    if image.mode not in ("RGBA", "LA"):
+        image = image.convert("RGBA")  # P/L/RGB with a transparency key, PA, RGBa, La
+    out = Image.new("RGB", image.size, (255, 255, 255))
+    out.paste(image, (0, 0), image)  # the mask is the alpha band
+    return out
+
+
+_STRIP_PIXELS = 1 << 20
+
+
+def _strips(image: Image.Image):
+    """``(top, bottom, array)`` for horizontal strips of about a megapixel each, so wide
+    modes are scaled without a float64 copy of the whole image."""
+    rows = max(1, _STRIP_PIXELS // max(1, image.width))
+    for top in range(0, image.height, rows):
+        bottom = min(image.height, top + rows)
+        yield top, bottom, np.asarray(image.crop((0, top, image.width, bottom)))
+
+
+# 16-bit -> 8-bit, rounded: (v * 255 + 32767) // 65535 for every v, looked up.
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def _wide_to_rgb(image: Image.Image) -> Image.Image:
     """16/32-bit integer or float greyscale -> 8-bit RGB, scaled (not clipped)."""
     mode = image.mode
-    array = np.asarray(image)
+    out = np.empty((image.height, image.width), dtype=np.uint8)
     if mode.startswith("I;16"):
-        scaled = (array.astype(np.uint32) * 255 + 32767) // 65535
-    else:
+        for top, bottom, array in _strips(image):
+            out[top:bottom] = _SIXTEEN_TO_EIGHT[array]
+        return Image.fromarray(out).convert("RGB")
+    low, high = np.inf, -np.inf
+    for _top, _bottom, array in _strips(image):
+        values = array[np.isfinite(array)] if mode == "F" else array
+        if values.size:
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    if low > high:  # no finite value at all
+        low = high = 0.0
+    for top, bottom, array in _strips(image):
         values = array.astype(np.float64)
-        finite = values[np.isfinite(values)] if mode == "F" else values
-        low = float(finite.min()) if finite.size else 0.0
-        high = float(finite.max()) if finite.size else 0.0
         if mode == "F" and low >= 0.0 and high <= 1.0:
             scaled = values * 255.0
         elif mode == "I" and low >= 0 and high <= 65535 and high > 255:
@@ -222,20 +362,18 @@ def _wide_to_rgb(image: Image.Image) -> Image.Image:
         else:
             scaled = np.zeros_like(values)
         scaled = np.nan_to_num(np.rint(scaled), nan=0.0, posinf=255.0, neginf=0.0)
-    grey = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
-    return grey.convert("RGB")
+        out[top:bottom] = np.clip(scaled, 0, 255).astype(np.uint8)
+    return Image.fromarray(out).convert("RGB")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
-        return image
+        return _detached(image)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return _composite_on_white(image)
     if mode in ("P", "L", "RGB", "1") and "transparency" in image.info:
         return _composite_on_white(image)
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _wide_to_rgb(image)
-    if mode == "1":
-        return image.convert("L").convert("RGB")
     return image.convert("RGB")
