@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg2
@@ -69,12 +69,14 @@ def in_process_latency(url: str, photos: list[str], steps: list[str], data_dir: 
     from worker.pipeline.events import apply_event
 
     upgrade(url)
-    settings = load_settings(data_dir=data_dir, database_url=url, steps=steps)
+    # the photos are local files: the worker reads them only from an allowed directory
+    settings = load_settings(data_dir=data_dir, database_url=url, steps=steps,
+                             fetch_allow_dirs=[str(Path(photos[0]).parent)])
     factory = session_factory(url)
     ids: list[int] = []
     for n in range(0, len(photos), 10):
         event = parse_event({"event_id": str(uuid.uuid4()), "type": "listing.created",
-                             "occurred_at": datetime.now(timezone.utc).isoformat(),
+                             "occurred_at": datetime.now(UTC).isoformat(),
                              "listing": {"id": f"bench-{n}", "seller_id": "s", "images": photos[n:n + 10]}})
         with factory() as s, s.begin():
             ids += apply_event(s, event).images_to_analyze
@@ -101,6 +103,7 @@ def end_to_end(photos: list[str], per_listing: int, concurrency: int, steps: lis
     env = {k: v for k, v in os.environ.items() if not k.startswith("CATALOG_")}
     env.update(CATALOG_DATABASE_URL=url, CATALOG_BROKER_URL=REDIS_URL, CATALOG_DATA_DIR=str(tmp / "data"),
                CATALOG_STEPS=",".join(steps), CATALOG_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1",
+               CATALOG_FETCH_ALLOW_DIRS=str(Path(photos[0]).parent),
                # cores / processes intra-op threads each: oversubscribed OpenMP is many times slower
                CATALOG_TORCH_THREADS=str(max(1, (os.cpu_count() or 1) // concurrency)))
     cmd = [sys.executable, "-m", "worker.cli"]
@@ -112,7 +115,7 @@ def end_to_end(photos: list[str], per_listing: int, concurrency: int, steps: lis
     for n in range(concurrency):
         warm("catalog:events", {"event": json.dumps({
             "event_id": str(uuid.uuid4()), "type": "listing.created",
-            "occurred_at": datetime.now(timezone.utc).isoformat(),
+            "occurred_at": datetime.now(UTC).isoformat(),
             "listing": {"id": f"warm{n}", "seller_id": "w", "images": [photos[n]]}})})
     _wait_done(name, concurrency)
     listings = [photos[i:i + per_listing] for i in range(0, len(photos), per_listing)]
@@ -120,7 +123,7 @@ def end_to_end(photos: list[str], per_listing: int, concurrency: int, steps: lis
     for n, refs in enumerate(listings):
         r.xadd("catalog:events", {"event": json.dumps({
             "event_id": str(uuid.uuid4()), "type": "listing.created",
-            "occurred_at": datetime.now(timezone.utc).isoformat(),
+            "occurred_at": datetime.now(UTC).isoformat(),
             "listing": {"id": f"L{n}", "seller_id": "s", "images": refs}})})
     try:
         _wait_done(name, concurrency + len(listings))
@@ -142,7 +145,8 @@ def _wait_done(dbname: str, expected: int, timeout: float = 900) -> None:
         while True:
             with conn.cursor() as cur:
                 cur.execute("SELECT count(*) FROM listings WHERE status = 'done'")
-                if cur.fetchone()[0] >= expected:
+                row = cur.fetchone()
+                if row is not None and row[0] >= expected:
                     return
             if time.perf_counter() > deadline:
                 raise RuntimeError("timed out waiting for listings")
@@ -165,7 +169,8 @@ def main() -> None:
     steps = [s for s in args.steps.split(",") if s]
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     try:
-        photos = write_photos(tmp, args.images)
+        (tmp / "photos").mkdir()
+        photos = write_photos(tmp / "photos", args.images)
         print(f"{len(photos)} photos, steps: {', '.join(steps)}, {os.cpu_count()} CPU cores\n")
         print("1. in-process latency per image (fetch, decode, steps, write)")
         sqlite = in_process_latency(f"sqlite:///{tmp / 'bench.db'}", photos, steps, tmp / "d1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,13 +27,14 @@ def listing_done(db: Path, external_id: str) -> bool:
 def test_submit_to_embedded_worker(tmp_path: Path) -> None:
     data = tmp_path / "data"
     # Point Redis and Postgres at closed ports: nothing in this path may need a server.
-    env = catalog_env(data_dir=str(data), redis_url="redis://127.0.0.1:1/0", steps="metadata")
     photos = tmp_path / "photos"
     photos.mkdir()
+    env = catalog_env(data_dir=str(data), redis_url="redis://127.0.0.1:1/0", steps="metadata",
+                      fetch_allow_dirs=str(photos))
     a = write_photo(photos / "a.jpg", size=(256, 192), seed=7)
     b = write_not_an_image(photos / "b.jpg")
     events = tmp_path / "events.jsonl"
-    ev = {"event_id": "emb-1", "type": "listing.created", "occurred_at": datetime.now(timezone.utc).isoformat(),
+    ev = {"event_id": "emb-1", "type": "listing.created", "occurred_at": datetime.now(UTC).isoformat(),
           "listing": {"id": "L-emb", "seller_id": "s", "images": [str(a), str(b)]}}
     events.write_text("\n".join(json.dumps(ev) for _ in range(2)) + "\n")
 
@@ -62,12 +63,13 @@ def test_prefork_worker_runs_every_model_step(tmp_path: Path) -> None:
     from skimage import data
 
     data_dir = tmp_path / "data"
-    env = catalog_env(data_dir=str(data_dir), torch_threads="1")
-    photo = tmp_path / "coffee.jpg"
+    photo = tmp_path / "photos" / "coffee.jpg"
+    photo.parent.mkdir()
+    env = catalog_env(data_dir=str(data_dir), torch_threads="1", fetch_allow_dirs=str(photo.parent))
     Image.fromarray(data.coffee()).save(photo, quality=92)
     events = tmp_path / "events.jsonl"
     events.write_text(json.dumps({
-        "event_id": "full-1", "type": "listing.created", "occurred_at": datetime.now(timezone.utc).isoformat(),
+        "event_id": "full-1", "type": "listing.created", "occurred_at": datetime.now(UTC).isoformat(),
         "listing": {"id": "L-full", "seller_id": "s", "category": "kitchenware", "images": [str(photo)]}}) + "\n")
     assert run_catalog(["submit", str(events)], env).returncode == 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg2
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 def event(listing: str, images: list[str], event_id: str | None = None, etype: str = "listing.created") -> str:
     return json.dumps({
         "event_id": event_id or str(uuid.uuid4()), "type": etype,
-        "occurred_at": datetime.now(timezone.utc).isoformat(),
+        "occurred_at": datetime.now(UTC).isoformat(),
         "listing": {"id": listing, "seller_id": "seller-1", "title": "a listing", "category": None,
                     "images": images},
     })
@@ -50,7 +50,7 @@ def deployment(tmp_path: Path) -> Iterator[dict]:
     server = LocalImageServer(photos).start()
     env = catalog_env(
         database_url=url, broker_url=REDIS_URL, data_dir=str(tmp_path / "data"),
-        fetch_allow_hosts=server.allow_entry, events_stream="e2e:events",
+        fetch_allow_hosts=server.allow_entry, fetch_allow_dirs=str(photos), events_stream="e2e:events",
         dead_letter_stream="e2e:dead", visibility_timeout="10", fetch_retries="0",
         ingest_claim_idle_ms="2000", restore_sweep_seconds="2", steps="metadata",
         task_time_limit="8",
@@ -105,6 +105,7 @@ def test_events_flow_to_postgres_with_duplicates_and_bad_input(deployment: dict)
     r.xadd("e2e:events", {"event": event("L-bad", [
         server.url("/front.jpg"), server.url("/truncated.jpg"), server.url("/fake.jpg"),
         server.url("/bomb.png"), "http://127.0.0.1:1/not-allow-listed.jpg",
+        "file:///etc/passwd",  # outside CATALOG_FETCH_ALLOW_DIRS: refused, never read
     ])})
     r.xadd("e2e:events", {"event": event("L-after", [str(d["photos"] / "back.png")])})
 
@@ -125,11 +126,13 @@ def test_events_flow_to_postgres_with_duplicates_and_bad_input(deployment: dict)
     bad = sql(dsn, """SELECT i.status, i.error FROM images i JOIN listings l ON l.id = i.listing_id
                       WHERE l.external_id = 'L-bad' ORDER BY i.position""")
     assert bad[0] == ("done", None)
-    assert [row[0] for row in bad[1:]] == ["failed"] * 4
+    assert [row[0] for row in bad[1:]] == ["failed"] * 5
     assert bad[1][1].startswith("truncated:")
     assert bad[2][1].startswith("not_an_image:")
     assert bad[3][1].startswith("too_many_pixels:")
     assert bad[4][1].startswith("blocked_address:") and "127.0.0.1" in bad[4][1]
+    assert bad[5][1].startswith("bad_reference:") and "CATALOG_FETCH_ALLOW_DIRS" in bad[5][1]
+    assert "root:" not in bad[5][1]
     assert sql(dsn, "SELECT i.status FROM images i JOIN listings l ON l.id = i.listing_id "
                     "WHERE l.external_id = 'L-after'") == [("done",)]
 
@@ -142,7 +145,7 @@ def test_events_flow_to_postgres_with_duplicates_and_bad_input(deployment: dict)
     report = json.loads(status.stdout)
     assert report["listings"] == {"done": 3}
     assert report["failed_images_by_code"] == {"truncated": 1, "not_an_image": 1, "too_many_pixels": 1,
-                                               "blocked_address": 1}
+                                               "blocked_address": 1, "bad_reference": 1}
     assert report["broker"] == "redis" and report["events_stream"]["pending"] == 0
     assert report["events_stream"]["dead_letters"] == 1
 

@@ -54,10 +54,12 @@ def demo_photos(out: Path) -> tuple[list[Path], list[Path]]:
 
 
 def run_demo(settings: Settings, out: Path, as_json: bool, echo: Callable[[str], None]) -> None:
+    from worker.cli.local import allow_local
     from worker.pipeline.local import run_in_process
     from worker.reports.listing import listing_report, render_report
 
     honest, reseller = demo_photos(out)
+    settings = allow_local(settings, [str(out.resolve())])  # the demo reads only its own photos
     echo(f"demo: {len(honest) + len(reseller)} photos from scikit-image written to {out.resolve()}")
     echo(f"demo: steps {', '.join(settings.steps)}")
     echo(f"demo: database {settings.effective_database_url}\n")

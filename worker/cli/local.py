@@ -9,25 +9,50 @@ from pathlib import Path
 import click
 
 from worker.cli.common import IMAGE_SUFFIXES, cli_settings, ensure_schema, setup_logging
+from worker.config import Settings
 from worker.pipeline.local import run_in_process
 
 
-def _collect_images(paths: tuple[str, ...]) -> list[str]:
+def _collect_images(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The image references to process, and the local files and folders they came from
+    (resolved): what the operator named on the command line may be read, nothing else."""
     refs: list[str] = []
+    given: list[str] = []
     for raw in paths:
-        if raw.startswith(("http://", "https://", "file://")):
+        if raw.startswith(("http://", "https://")):
+            refs.append(raw)
+            continue
+        if raw.startswith("file://"):
+            from worker.io.errors import ImageLoadError
+            from worker.io.local import file_url_path
+
+            try:
+                given.append(str(Path(file_url_path(raw)).resolve()))
+            except ImageLoadError as exc:
+                raise click.BadParameter(str(exc), param_hint="IMAGE_OR_DIR") from None
             refs.append(raw)
             continue
         path = Path(raw).expanduser().resolve()
         if path.is_dir():
+            given.append(str(path))
             refs.extend(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.exists():
+            given.append(str(path))
             refs.append(str(path))
         else:
             raise click.BadParameter(f"{raw} does not exist", param_hint="IMAGE_OR_DIR")
     if not refs:
         raise click.BadParameter("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
-    return refs
+    return refs, given
+
+
+def allow_local(settings: Settings, paths: list[str]) -> Settings:
+    """``settings`` that may also read ``paths`` (resolved files or folders) besides the
+    directories in CATALOG_FETCH_ALLOW_DIRS."""
+    extra = [p for p in paths if p not in settings.fetch_allow_dirs]
+    if not extra:
+        return settings
+    return settings.model_copy(update={"fetch_allow_dirs": [*settings.fetch_allow_dirs, *extra]})
 
 
 @click.command("process")
@@ -42,14 +67,18 @@ def process_cmd(paths: tuple[str, ...], seller: str, category: str | None, listi
     """Run the whole pipeline in this process on IMAGE_OR_DIR... (files, folders, URLs).
 
     Uses the configured database (default: embedded SQLite under .catalog/) and needs no
-    broker. Running it again on unchanged files re-checks their bytes and keeps the results.
+    broker. The files and folders named here may be read (besides CATALOG_FETCH_ALLOW_DIRS);
+    a symlink in a folder that points outside it is refused. Running it again on unchanged
+    files re-checks their bytes and keeps the results.
     """
     from worker.reports.listing import listing_report, render_report
 
     settings = cli_settings()
     setup_logging(settings)
     ensure_schema(settings)
-    refs = _collect_images(paths)
+    refs, given = _collect_images(paths)
+    # The files and folders named here may be read; an event could never widen this.
+    settings = allow_local(settings, given)
     external_id = run_in_process(settings, refs, seller, category, listing_id, title)
     report = listing_report(settings, external_id)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render_report(report))

@@ -66,3 +66,15 @@ def test_reseller_gets_duplicate_and_contact_flags_with_evidence(demo: list[dict
     assert "+447911123456" in texts and "deals.shop@gmail.com" in texts
     assert reseller["listing"]["fraud_decision"] in ("review", "hold")
     assert not any(f["kind"] == "duplicate_image" for img in honest["images"] for f in img["flags"])
+
+
+def test_demo_reads_its_own_photos_without_any_allowed_dirs(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """CATALOG_FETCH_ALLOW_DIRS is empty by default; the demo allows its photo folder itself."""
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CATALOG_STEPS", "metadata")
+    result = CliRunner().invoke(main, ["demo", "--json"])
+    assert result.exit_code == 0, result.output
+    reports = json.loads(result.stdout[result.stdout.index("["):])
+    statuses = [(i["url"].rsplit("/", 1)[-1], i["status"], i["error"]) for r in reports for i in r["images"]]
+    assert len(statuses) == 7 and all(status == "done" for _name, status, _error in statuses), statuses

@@ -12,7 +12,7 @@ from tests.support.images import write_photo
 from worker.cli.main import main
 
 
-def all_commands(group=main, prefix=()):  # noqa: ANN001, ANN201
+def all_commands(group=main, prefix=()):
     for name, cmd in group.commands.items():
         yield (*prefix, name)
         if hasattr(cmd, "commands"):
@@ -72,7 +72,8 @@ def test_process_runs_the_pipeline_in_process(monkeypatch: pytest.MonkeyPatch, t
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["listing"]["status"] == "done" and report["listing"]["seller_id"] == "s9"
-    assert [(i["width"], i["height"], i["status"]) for i in report["images"]] == [(320, 240, "done"), (200, 100, "done")]
+    assert [(i["width"], i["height"], i["status"]) for i in report["images"]] == [(320, 240, "done"),
+                                                                                  (200, 100, "done")]
     assert all(len(i["phash"]) == 16 for i in report["images"])
     text = CliRunner().invoke(main, ["show", report["listing"]["id"]])
     assert text.exit_code == 0 and "phash" in text.output
@@ -151,7 +152,8 @@ def test_gpu_workers_default_to_a_threads_pool(args: list[str], device: str, cud
     assert _gpu_pool(load_settings(device=device), list(args), cuda=cuda) == expected
 
 
-def test_status_counts_failures_by_code_on_the_embedded_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_status_counts_failures_by_code_on_the_embedded_default(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
     from tests.support.images import write_not_an_image
 
     monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path / "data"))
@@ -165,3 +167,34 @@ def test_status_counts_failures_by_code_on_the_embedded_default(monkeypatch: pyt
     assert report["images"] == {"done": 1, "failed": 1}
     assert report["failed_images_by_code"] == {"not_an_image": 1}
     assert report["broker"] == "filesystem" and report["queued"]["gpu"] == 0
+
+
+def test_process_reads_what_it_was_given_and_nothing_a_symlink_points_to(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """`catalog process` needs no CATALOG_FETCH_ALLOW_DIRS for the paths it is given, and
+    that allowance does not reach outside them (issue 12, item 1)."""
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CATALOG_STEPS", "metadata")
+    photos = tmp_path / "photos"
+    write_photo(photos / "a.jpg", size=(64, 48))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (photos / "b.jpg").symlink_to(secret)
+    single = write_photo(tmp_path / "single.png", size=(30, 20))
+    result = CliRunner().invoke(main, ["process", str(photos), single.as_uri(), "--json"])
+    report = json.loads(result.output[result.output.index("{"):])
+    by_name = {Path(i["url"]).name: i for i in report["images"]}
+    assert by_name["a.jpg"]["status"] == "done" and by_name["single.png"]["status"] == "done"
+    refused = by_name["b.jpg"]
+    assert refused["status"] == "failed" and refused["error"].startswith("bad_reference:")
+    assert "CATALOG_FETCH_ALLOW_DIRS" in refused["error"] and "root:" not in refused["error"]
+
+
+def test_allow_local_adds_paths_once() -> None:
+    from worker.cli.local import allow_local
+    from worker.config import load_settings
+
+    settings = load_settings()
+    wider = allow_local(settings, ["/srv/a", "/srv/b.jpg"])
+    assert wider.fetch_allow_dirs == ["/srv/a", "/srv/b.jpg"] and settings.fetch_allow_dirs == []
+    assert allow_local(wider, ["/srv/a"]) is wider
