@@ -13,7 +13,8 @@ The rules, in the words of docs/architecture.md ("What may import what"):
 * only ``worker.cli`` imports ``worker.cli``;
 * ``worker`` never imports ``tasks`` (it names tasks by string, see ``worker/celery_app.py``);
 * ``tasks`` import only ``worker``, ``db`` and each other from this project, and each task
-  function stays thin.
+  function stays thin;
+* beyond these, each package imports only what its row of the table allows (``MAY_IMPORT``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,26 @@ KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
     ("worker.fraud.score", "sqlalchemy"),
     ("worker.fraud.score", "db.models"),
 })
+
+#: The table "Code layout, and what may import what" of docs/architecture.md: each package (the
+#: longest matching prefix wins) and the project packages it may import besides itself. Every
+#: module may import ``worker`` itself (the package, for ``__version__``).
+MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    "worker.config": (),
+    "worker.celery_app": ("worker.config", "db"),
+    "worker.intake": ("worker.config", "worker.celery_app"),
+    "worker.io": ("worker.config",),
+    "worker.models": ("worker.config", "worker.pipeline.contract"),
+    "worker.steps": ("worker.config", "worker.io", "worker.models", "worker.pipeline.contract"),
+    "worker.fraud": ("worker.config", "worker.io", "worker.models", "worker.pipeline.contract"),
+    "worker.pipeline": ("worker.config", "worker.intake", "worker.io", "worker.fraud", "db"),
+    "worker.review": ("worker.config", "worker.pipeline", "worker.fraud", "db"),
+    "worker.reports": ("worker.config", "worker.celery_app", "worker.io", "db"),
+    "worker.training": ("worker.config", "worker.models", "worker.steps"),
+    "worker.cli": ("worker", "db"),
+    "tasks": ("worker", "db"),
+    "db": (),
+}
 
 LEAF_LAYERS = ("worker.steps", "worker.fraud", "worker.models", "worker.io")
 LEAF_FORBIDDEN = ("db", "sqlalchemy", "worker.cli", "worker.pipeline", "worker.review", "tasks")
@@ -236,6 +257,10 @@ def test_the_checks_catch_what_they_describe() -> None:
     }
     assert {imp.target for imp in found if _leaf_breaks_rule(imp)} == {
         "db.models", "tasks.images", "worker.pipeline.analyze"}
+    assert _outside_the_table(Import("worker.io.fetch", "worker.steps.tagging", "p.py", 1, "top"))
+    assert _outside_the_table(Import("worker.reports.status", "worker.pipeline.store", "p.py", 1, "function"))
+    assert not _outside_the_table(Import("worker.steps.tagging", "worker.models.runtime", "p.py", 1, "top"))
+    assert not _outside_the_table(Import("worker.io.fetch", "worker", "p.py", 1, "top"))
     # A function-level import back to a module that imports us at the top is a cycle.
     back = _collect("worker.steps.base", "def f():\n    import worker.steps.metadata\n", "worker/steps/base.py")
     (cycle,) = _cycles([*found, *back])
@@ -255,6 +280,29 @@ def _violations(rule: str, applies: object) -> None:
     assert callable(applies)
     bad = [imp for imp in IMPORTS if applies(imp) and not _known(imp)]
     assert not bad, _report(bad, rule)
+
+
+def _package(module: str) -> str | None:
+    owners = [prefix for prefix in MAY_IMPORT if _within(module, prefix)]
+    return max(owners, key=len) if owners else None
+
+
+def _outside_the_table(imp: Import) -> bool:
+    owner = _package(imp.importer)
+    if owner is None or imp.target == "worker" or not imp.target.startswith(("worker", "tasks", "db")):
+        return False  # third-party, the standard library, or the top package itself
+    if imp.target not in MODULES or _within(imp.target, owner):
+        return False
+    return not any(_within(imp.target, allowed) for allowed in MAY_IMPORT[owner])
+
+
+def test_every_module_belongs_to_a_package_of_the_table() -> None:
+    homeless = sorted(m for m in MODULES if m != "worker" and _package(m) is None)
+    assert not homeless, f"add these to MAY_IMPORT and to docs/architecture.md: {homeless}"
+
+
+def test_packages_import_only_what_the_architecture_table_allows() -> None:
+    _violations("imports outside the table in docs/architecture.md (MAY_IMPORT)", _outside_the_table)
 
 
 def test_db_imports_neither_worker_nor_tasks() -> None:
