@@ -125,3 +125,13 @@ def test_the_corpus_is_not_refused_for_want_of_an_allowed_dir(world: World) -> N
     settings = load_settings(data_dir=world.tmp / "data", fetch_allow_dirs=[str(world.allowed)])
     assert load_image(str(world.allowed / "a.jpg"), settings).image.size == (16, 16)
     assert load_image((world.allowed / "a.jpg").as_uri(), settings).image.size == (16, 16)
+
+
+def test_docs_describe_every_image_failure_code() -> None:
+    from worker.io.errors import ERROR_CODES
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "events.md").read_text()
+    table = text[text.index("### Image failure codes"):]
+    for code in ERROR_CODES:
+        assert f"| `{code}` |" in table, code
+    assert "CATALOG_FETCH_ALLOW_DIRS" in table
