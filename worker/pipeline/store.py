@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from db import models as m
 from worker.config import Settings
-from worker.fraud.score import fraud_score_for_settings
+from worker.fraud.score import FraudScore, fraud_score_for_settings
 from worker.io.hashing import to_signed64
 from worker.io.load import LoadedImage
 from worker.pipeline.contract import StepRun
@@ -110,9 +110,15 @@ def finish_listing_if_complete(session: Session, listing_id: int, settings: Sett
     return True
 
 
-def update_fraud_score(session: Session, listing: m.Listing, settings: Settings) -> None:
-    """Combine the flags of all the listing's images into one score (worker/fraud/score.py)."""
+def listing_fraud_score(session: Session, listing_id: int, settings: Settings) -> FraudScore:
+    """Read the flags of all the listing's images and combine them (the pure rules are in
+    worker/fraud/score.py)."""
     session.flush()
-    flags = session.execute(select(m.Flag).where(m.Flag.listing_id == listing.id)).scalars().all()
-    result = fraud_score_for_settings(flags, settings)
+    flags = session.execute(select(m.Flag).where(m.Flag.listing_id == listing_id)).scalars().all()
+    return fraud_score_for_settings(flags, settings)
+
+
+def update_fraud_score(session: Session, listing: m.Listing, settings: Settings) -> None:
+    """Store the listing's current fraud score and decision."""
+    result = listing_fraud_score(session, listing.id, settings)
     listing.fraud_score, listing.fraud_decision = result.score, result.decision

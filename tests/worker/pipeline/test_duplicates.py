@@ -22,11 +22,11 @@ from tests.conftest import unique
 from tests.support.fraud import add_image, step_context, stolen_copy
 from tests.support.pipeline import analyze_all, apply, event
 from worker.fraud.duplicates import DuplicatesStep
-from worker.fraud.score import listing_fraud_score
 from worker.pipeline import duplicates as pipeline_duplicates
 from worker.pipeline.contract import StepResult, StepRun
 from worker.pipeline.duplicates import DuplicateIndex, DuplicatesWriter
 from worker.pipeline.registry import STEP_REGISTRY
+from worker.pipeline.store import listing_fraud_score
 from worker.pipeline.writers import WRITER_REGISTRY, WriteContext, apply_writers, get_writer
 from worker.review.queue import claim_next_flag, resolve_flag
 
