@@ -304,7 +304,10 @@ def _orientation(image: Image.Image) -> Image.Transpose | None:
 
 def _detached(image: Image.Image) -> Image.Image:
     """A plain image sharing ``image``'s pixels (no copy) that outlives closing the file."""
-    return image._new(image.im)
+    try:
+        return image._new(image.im)  # Pillow's own way to wrap an image core
+    except AttributeError:  # pragma: no cover - a Pillow without it: pay for one copy
+        return image.copy()
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
