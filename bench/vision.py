@@ -5,7 +5,8 @@
     python -m bench.vision --models detection --threads 8 --json out.json
 
 For each model (tagging = EfficientNet-Lite0, detection = YOLOv3-tiny, segmentation =
-U²-Netp) it measures, on real photos of different sizes, in the same run:
+U²-Netp, all on torch; ``--models nsfw`` adds open_nsfw on onnxruntime) it measures, on real
+photos of different sizes, in the same run:
 
 * ``b1``: the direct path, one image per forward, sequentially (ms/image);
 * ``bN``: one forward over N images (ms/image);
@@ -50,7 +51,7 @@ def photos() -> list[Image.Image]:
 
 
 def build(name: str, device: str, batch: int, timeout_ms: float) -> VisionModel[Any]:
-    kwargs = {"device": device, "batch_max_size": batch, "batch_timeout_ms": timeout_ms}
+    kwargs: dict[str, Any] = {"device": device, "batch_max_size": batch, "batch_timeout_ms": timeout_ms}
     if name == "tagging":
         from worker.steps.tagging import EfficientNetLite0
 
@@ -63,6 +64,10 @@ def build(name: str, device: str, batch: int, timeout_ms: float) -> VisionModel[
         from worker.steps.segmentation import U2Netp
 
         return U2Netp(**kwargs)
+    if name == "nsfw":  # onnxruntime behind the same runtime
+        from worker.fraud.nsfw import OpenNsfw
+
+        return OpenNsfw(**kwargs)
     raise SystemExit(f"unknown model {name!r}")
 
 
@@ -109,6 +114,7 @@ def bench_model(name: str, args: argparse.Namespace, images: list[Image.Image]) 
         "model": name,
         "version": model.version,
         "device": str(model.device),
+        "engine": model.load().describe(),
         "load_s": round(load_s, 2),
         "b1_ms": round(b1 * 1000, 1),
         f"b{args.batch}_ms": round(bn * 1000, 1),

@@ -6,6 +6,9 @@ PP-OCRv4 models that ship inside ``rapidocr-onnxruntime`` (no download), then pl
 find the contact details in it. Each finding keeps the text as read and its box, so a
 reviewer sees exactly what was found where.
 
+The OCR runs as a model of the shared runtime (:class:`PpOcr`, onnxruntime underneath);
+the step's version is ``contact@<rules>:pp-ocrv4@<digest of the three graph files>``.
+
 Weak spots: stylised or very small text is missed by the OCR; an obfuscated address
 ("name at gmail dot com") is only caught in its most common spellings; a manufacturer's
 hotline printed on a box is a true detection but not fraud (reviewers dismiss it).
@@ -14,14 +17,20 @@ hotline printed on a box is a true detection but not fraud (reviewers dismiss it
 from __future__ import annotations
 
 import re
-import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
+from PIL import Image
 
 from worker.config import Settings
-from worker.pipeline.contract import Flag, ImageContext, StepResult, StepUnavailable
+from worker.models.backends import Backend, PipelineBackend
+from worker.models.common import fit_within, package_file, pad_to_aspect, rgb
+from worker.models.runtime import ModelUnavailable, Prepared, VisionModel, model_for
+from worker.pipeline.contract import Flag, ImageContext, StepResult
 
 # --- detectors (pure functions, testable without OCR) ----------------------------------
 
@@ -100,10 +109,10 @@ def find_contacts(line: str) -> list[ContactMatch]:
             add("email", re.sub(r"\s+", "", text), mo.span())
     for mo in _URL.finditer(line):
         add("url", mo.group(0).rstrip(".)"), mo.span())
-    for name, rx in _MESSENGER_RES:
-        mo = rx.search(line)
-        if mo:
-            found.append(ContactMatch("messenger", line[mo.start():].strip(), line))
+    for _name, rx in _MESSENGER_RES:
+        said = rx.search(line)
+        if said:
+            found.append(ContactMatch("messenger", line[said.start():].strip(), line))
     for mo in _HANDLE.finditer(line):
         add("handle", mo.group(0), mo.span())
     for mo in _DIGITISH.finditer(line):
@@ -132,36 +141,82 @@ class OcrLine:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1
 
 
-class Ocr:
-    """PP-OCRv4 through rapidocr-onnxruntime; loaded once per process, thread-safe calls."""
+OCR_NEEDS = ("OCR needs rapidocr-onnxruntime==1.4.4 (installed with --no-deps, plus onnxruntime, "
+             "pyclipper, shapely, PyYAML)")
+OCR_MAX_SIDE = 2000  # rapidocr's own max_side_len: reducing first bounds what it is handed
+# rapidocr scales the SHORTER side up (to 30 px, then its detector to 736 px): a 1 x 2000
+# strip would become a 736 x ~1,400,000 px input (4 GB as float32). Thinner inputs are padded
+# to this aspect ratio (no text can be read in a few pixels anyway), so the detector's input
+# stays at most ~2,950 x 736 px.
+OCR_MAX_ASPECT = 4.0
 
-    _lock = threading.Lock()
-    _engine: Any = None
 
-    @classmethod
-    def engine(cls) -> Any:
-        with cls._lock:
-            if cls._engine is None:
-                try:
-                    from rapidocr_onnxruntime import RapidOCR
-                except ImportError as exc:
-                    raise StepUnavailable(
-                        "OCR needs rapidocr-onnxruntime==1.4.4 (installed with --no-deps, plus "
-                        f"onnxruntime, pyclipper, shapely, PyYAML): {exc}") from None
-                cls._engine = RapidOCR(intra_op_num_threads=2, inter_op_num_threads=1)
-            return cls._engine
+def ocr_files() -> list[Path]:
+    """PP-OCRv4 detection, direction classifier and recognition graphs, as shipped inside
+    ``rapidocr-onnxruntime`` (found without importing it: its import loads OpenCV)."""
+    names = ("ch_PP-OCRv4_det_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx")
+    try:
+        return [package_file("rapidocr_onnxruntime", "models", name) for name in names]
+    except ModelUnavailable as exc:
+        raise ModelUnavailable(f"{OCR_NEEDS}: {exc}") from None
 
-    @classmethod
-    def read(cls, rgb: np.ndarray) -> list[OcrLine]:
-        engine = cls.engine()
-        result, _ = engine(np.ascontiguousarray(rgb[:, :, ::-1]))  # the engine expects BGR
+
+class PpOcr(VisionModel[list[OcrLine]]):
+    """PP-OCRv4 through rapidocr-onnxruntime's pipeline (detect -> angle -> recognise on
+    variable-sized crops: it takes one photo at a time, so it never batches). Its three
+    onnxruntime sessions get the runtime's device and thread settings
+    (``CATALOG_TORCH_THREADS``, default 2 intra-op threads). Result: the text lines with
+    boxes in the photo's pixels."""
+
+    name = "pp-ocrv4"
+
+    def weights(self) -> Sequence[Path]:
+        return ocr_files()
+
+    def _build(self) -> Backend:
+        try:
+            import onnxruntime as ort
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError as exc:
+            raise ModelUnavailable(f"{OCR_NEEDS}: {exc}") from None
+        det, cls, rec = self.weights()
+        cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        engine = RapidOCR(
+            intra_op_num_threads=self.torch_threads or 2, inter_op_num_threads=1,
+            det_model_path=str(det), cls_model_path=str(cls), rec_model_path=str(rec),
+            det_use_cuda=cuda, cls_use_cuda=cuda, rec_use_cuda=cuda,
+        )
+        device = torch.device("cuda" if cuda else "cpu")
+        return PipelineBackend(lambda bgr: engine(bgr)[0], device, engine="rapidocr-onnxruntime")
+
+    def prepare(self, image: Image.Image) -> Prepared:
+        bounded, scale = fit_within(rgb(image), OCR_MAX_SIDE)
+        padded = pad_to_aspect(bounded, OCR_MAX_ASPECT)
+        bgr = np.ascontiguousarray(np.asarray(padded)[:, :, ::-1])  # the engine expects BGR
+        return Prepared(bgr, {"scale": scale, "size": image.size})
+
+    def collate(self, tensors: list[Any]) -> Any:
+        return list(tensors)
+
+    def split(self, output: Any, count: int) -> list[Any]:
+        return list(output)
+
+    def postprocess(self, output: Any, meta: dict[str, Any]) -> list[OcrLine]:
+        sx, sy = meta["scale"]
+        width, height = meta["size"]
         lines = []
-        for points, text, score in result or []:
+        for points, text, score in output or []:
             pts = np.asarray(points, dtype=np.float32)
+            xs, ys = pts[:, 0] / sx, pts[:, 1] / sy
             lines.append(OcrLine(str(text), float(score), (
-                float(pts[:, 0].min()), float(pts[:, 1].min()),
-                float(pts[:, 0].max()), float(pts[:, 1].max()))))
+                float(np.clip(xs.min(), 0, width)), float(np.clip(ys.min(), 0, height)),
+                float(np.clip(xs.max(), 0, width)), float(np.clip(ys.max(), 0, height)))))
         return lines
+
+
+def ocr_model(settings: Settings) -> PpOcr:
+    """The process-wide OCR for these settings (registry; loads on first prediction)."""
+    return model_for(settings, ("ocr",), PpOcr)
 
 
 def _rows(lines: list[OcrLine]) -> list[list[OcrLine]]:
@@ -183,15 +238,15 @@ def _rows(lines: list[OcrLine]) -> list[list[OcrLine]]:
 class ContactInfoStep:
     name: ClassVar[str] = "contact_info"
     requires: ClassVar[tuple[str, ...]] = ()
-    VERSION: ClassVar[str] = "contact@1:pp-ocrv4(rapidocr-onnxruntime 1.4.4)"
+    RULES: ClassVar[str] = "contact@1"  # bump when the detectors above change
 
     def version(self, settings: Settings) -> str:
-        """A rules-only step: the version changes when its rules do."""
-        return self.VERSION
+        """The rules' version and the OCR model's (its weight files' digest)."""
+        return f"{self.RULES}:{ocr_model(settings).version}"
 
     def run(self, ctx: ImageContext) -> StepResult:
-        rgb = np.asarray(ctx.image.convert("RGB"))
-        lines = [ln for ln in Ocr.read(rgb) if ln.confidence >= ctx.settings.contact_min_confidence]
+        lines = [ln for ln in ocr_model(ctx.settings).infer(ctx.image)
+                 if ln.confidence >= ctx.settings.contact_min_confidence]
         matches: list[dict[str, Any]] = []
         seen: set[tuple[str, str]] = set()
         for row in _rows(lines):

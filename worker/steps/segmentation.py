@@ -14,22 +14,30 @@ From the mask the step derives (a) an RGBA cutout PNG (artifact kind ``cutout``)
 product's bounding box, (c) dominant colours by k-means in CIE Lab over foreground pixels only,
 each named from a small colour table matched in Lab, and (d) a plain-background score used by
 the main-image rule.
+
+Bounded memory for any upload: the model sees a fixed-size input and returns a
+:class:`Mask` at its own resolution; the analysis runs on a copy of the photo whose longer
+side is at most ``ANALYSIS_MAX_SIDE``, and the full-resolution cutout resamples the mask for
+the product's box only.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from worker.config import Settings
 from worker.models.common import (
-    file_digest,
+    fit_within,
     package_file,
+    rgb,
     to_tensor,
     torchvision_checkpoint,
 )
@@ -37,8 +45,7 @@ from worker.models.runtime import (
     ModelUnavailable,
     Prepared,
     VisionModel,
-    get_model,
-    model_kwargs,
+    model_for,
 )
 from worker.pipeline.contract import (
     Artifact,
@@ -48,6 +55,10 @@ from worker.pipeline.contract import (
     Tag,
 )
 from worker.steps.base import ModelStep
+from worker.steps.colours import background_plainness, dominant_colours
+
+__all__ = ["Mask", "SegmentationStep", "TorchvisionSegmenter", "U2Netp", "analyse_mask",
+           "background_plainness", "build_segmenter", "dominant_colours", "main_object_box"]
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -55,6 +66,51 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 FOREGROUND = 0.5  # mask probability above which a pixel is product
 BACKGROUND = 0.2  # below which it is background (the band between is the soft edge)
 MIN_FOREGROUND_SHARE = 0.002  # less than this is speckle, not a product
+ANALYSIS_MAX_SIDE = 1024  # box, colours and background are measured at most at this size
+
+
+# --- masks -----------------------------------------------------------------------------------
+
+
+def _bilinear_weights(source: int, positions: np.ndarray) -> np.ndarray:
+    """(len(positions), source) weights of 1-D linear interpolation at ``positions`` (in
+    source pixel units, pixel centres at i + 0.5), clamped at the edges like
+    ``F.interpolate(mode="bilinear", align_corners=False)``."""
+    u = np.clip(positions - 0.5, 0.0, source - 1)
+    low = np.floor(u).astype(np.int64)
+    high = np.minimum(low + 1, source - 1)
+    frac = (u - low).astype(np.float32)
+    weights = np.zeros((len(positions), source), dtype=np.float32)
+    rows = np.arange(len(positions))
+    np.add.at(weights, (rows, low), 1.0 - frac)
+    np.add.at(weights, (rows, high), frac)
+    return weights
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A product probability map at the model's resolution and the size of the photo it
+    belongs to; resampled on demand to any region of the photo (bilinear, separable), so
+    no full-resolution float map has to exist."""
+
+    prob: np.ndarray  # float32 (h, w) in [0, 1]
+    size: tuple[int, int]  # the photo's (width, height)
+
+    def resized(self, width: int, height: int,
+                box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+        """float32 (height, width): the mask over ``box`` (photo pixels; default the whole
+        photo) sampled at ``width`` x ``height`` pixel centres."""
+        x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, *map(float, self.size))
+        src_h, src_w = self.prob.shape
+        photo_w, photo_h = self.size
+        xs = (x0 + (np.arange(width) + 0.5) * (x1 - x0) / width) * (src_w / photo_w)
+        ys = (y0 + (np.arange(height) + 0.5) * (y1 - y0) / height) * (src_h / photo_h)
+        out = _bilinear_weights(src_h, ys) @ self.prob @ _bilinear_weights(src_w, xs).T
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+    def full(self) -> np.ndarray:
+        """The mask at the photo's full size (tests; small photos)."""
+        return self.resized(*self.size)
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -75,7 +131,7 @@ def _tuple_slicing(module: torch.nn.Module) -> torch.nn.Module:
             axis_list = list(range(len(start_list))) if axes is None else axes.tolist()
             step_list = [1] * len(start_list) if steps is None else steps.tolist()
             index: list[Any] = [slice(None)] * input_tensor.dim()
-            for start, end, axis, step in zip(start_list, end_list, axis_list, step_list):
+            for start, end, axis, step in zip(start_list, end_list, axis_list, step_list, strict=True):
                 if step < 1:
                     raise NotImplementedError("negative Slice steps are not used by our models")
                 index[axis] = slice(start, end, step)
@@ -98,8 +154,9 @@ class _U2NetFirstOutput(torch.nn.Module):
         return self.net(x)[0]
 
 
-class U2Netp(VisionModel[np.ndarray]):
-    """U²-Netp salient-object mask; result: float32 (H, W) in [0, 1] at the original size."""
+class U2Netp(VisionModel[Mask]):
+    """U²-Netp salient-object mask; result: a :class:`Mask` (input_size x input_size) for
+    the photo's size."""
 
     name = "u2netp"
 
@@ -107,29 +164,31 @@ class U2Netp(VisionModel[np.ndarray]):
         super().__init__(**kwargs)
         self.input_size = input_size
 
-    def _build(self) -> tuple[torch.nn.Module, str]:
-        path = package_file("rembg", "u2netp.onnx")
+    def weights(self) -> Sequence[Path]:
+        return [package_file("rembg", "u2netp.onnx")]
+
+    def _build(self) -> torch.nn.Module:
+        [path] = self.weights()
         import onnx
         from onnx2torch import convert
 
-        net = _tuple_slicing(convert(onnx.load(str(path))))
-        return _U2NetFirstOutput(net), f"{self.name}@{file_digest(path)}"
+        return _U2NetFirstOutput(_tuple_slicing(convert(onnx.load(str(path)))))
 
     def prepare(self, image: Image.Image) -> Prepared:
         # As U²-Net was trained: squash to a square, divide by the image's max, ImageNet-normalise.
-        resized = image.convert("RGB").resize((self.input_size, self.input_size), Image.Resampling.BILINEAR)
+        resized = rgb(image).resize((self.input_size, self.input_size), Image.Resampling.BILINEAR)
         x = to_tensor(resized)
         x = x / x.max().clamp(min=1e-6)
         return Prepared((x - IMAGENET_MEAN) / IMAGENET_STD, {"size": image.size})
 
-    def postprocess(self, output: Any, meta: dict[str, Any]) -> np.ndarray:
+    def postprocess(self, output: Any, meta: dict[str, Any]) -> Mask:
         pred = output.float()  # (1, h, w)
         low, high = pred.min(), pred.max()
         # rembg's per-image min-max stretch, but never by more than 2x: on an image with no
         # salient object (a blank photo) the raw output stays near 0 and must not be
         # stretched into a speckle "product".
         pred = (pred - low) / (high - low).clamp(min=0.5)
-        return _resize_mask(pred, meta["size"])
+        return Mask(pred[0].clamp(0, 1).numpy().astype(np.float32), meta["size"])
 
 
 class _ForegroundProbability(torch.nn.Module):
@@ -142,7 +201,7 @@ class _ForegroundProbability(torch.nn.Module):
         return 1.0 - logits.float().softmax(1)[:, :1]
 
 
-class TorchvisionSegmenter(VisionModel[np.ndarray]):
+class TorchvisionSegmenter(VisionModel[Mask]):
     """A torchvision semantic-segmentation builder (``weights=None``) from a user checkpoint:
     a state_dict or ``{"state_dict": ..., "classes": [...]}``; class 0 is background."""
 
@@ -153,7 +212,13 @@ class TorchvisionSegmenter(VisionModel[np.ndarray]):
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.input_size = input_size
 
-    def _build(self) -> tuple[torch.nn.Module, str]:
+    def weights(self) -> Sequence[Path]:
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            raise ModelUnavailable(f"torchvision:{self.builder} needs CATALOG_SEGMENTER_CHECKPOINT "
+                                   f"(got {self.checkpoint}); weights are never downloaded")
+        return [self.checkpoint]
+
+    def _build(self) -> torch.nn.Module:
         import torchvision.models.segmentation as segmentation
 
         build, blob, state = torchvision_checkpoint(segmentation, self.builder, self.checkpoint,
@@ -168,160 +233,28 @@ class TorchvisionSegmenter(VisionModel[np.ndarray]):
         extra = {"aux_loss": True} if any(k.startswith("aux_classifier.") for k in state) else {}
         model = build(weights=None, weights_backbone=None, num_classes=num_classes, **extra)
         model.load_state_dict(state)
-        return _ForegroundProbability(model), f"{self.name}@{file_digest(self.checkpoint)}"
+        return _ForegroundProbability(model)
 
     def prepare(self, image: Image.Image) -> Prepared:
-        resized = image.convert("RGB").resize((self.input_size, self.input_size), Image.Resampling.BILINEAR)
+        resized = rgb(image).resize((self.input_size, self.input_size), Image.Resampling.BILINEAR)
         x = to_tensor(resized) / 255.0
         return Prepared((x - IMAGENET_MEAN) / IMAGENET_STD, {"size": image.size})
 
-    def postprocess(self, output: Any, meta: dict[str, Any]) -> np.ndarray:
-        return _resize_mask(output.float(), meta["size"])
+    def postprocess(self, output: Any, meta: dict[str, Any]) -> Mask:
+        return Mask(output.float()[0].clamp(0, 1).numpy().astype(np.float32), meta["size"])
 
 
-def _resize_mask(pred: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    width, height = size
-    full = F.interpolate(pred.view(1, 1, *pred.shape[-2:]), size=(height, width), mode="bilinear",
-                         align_corners=False)
-    return full[0, 0].clamp(0, 1).numpy().astype(np.float32)
-
-
-def build_segmenter(settings: Any) -> VisionModel[np.ndarray]:
-    kwargs = model_kwargs(settings)
-    common = (settings.device, settings.batch_max_size, settings.batch_timeout_ms,
-              settings.segmenter_input_size)
+def build_segmenter(settings: Settings) -> VisionModel[Mask]:
+    size = settings.segmenter_input_size
     if settings.segmenter == "u2netp":
-        return get_model(("segmentation", "u2netp", *common),
-                         lambda: U2Netp(settings.segmenter_input_size, **kwargs))
+        return model_for(settings, ("segmentation", "u2netp", size),
+                         lambda **kwargs: U2Netp(size, **kwargs))
     if settings.segmenter.startswith("torchvision:"):
         builder = settings.segmenter.split(":", 1)[1]
-        return get_model(("segmentation", settings.segmenter, settings.segmenter_checkpoint, *common),
-                         lambda: TorchvisionSegmenter(builder, settings.segmenter_checkpoint,
-                                                      settings.segmenter_input_size, **kwargs))
+        checkpoint = settings.segmenter_checkpoint
+        return model_for(settings, ("segmentation", settings.segmenter, checkpoint, size),
+                         lambda **kwargs: TorchvisionSegmenter(builder, checkpoint, size, **kwargs))
     raise StepUnavailable(f"unknown segmenter {settings.segmenter!r} (u2netp | torchvision:<builder>)")
-
-
-# --- colours ---------------------------------------------------------------------------------
-
-# sRGB anchors of the colour names shoppers filter by; matched to clusters in CIE Lab.
-NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
-    "black": (20, 20, 20),
-    "dark grey": (70, 70, 70),
-    "grey": (128, 128, 128),
-    "light grey": (195, 195, 195),
-    "white": (245, 245, 245),
-    "red": (200, 25, 30),
-    "dark red": (115, 15, 25),
-    "pink": (240, 150, 180),
-    "magenta": (215, 40, 150),
-    "orange": (240, 130, 30),
-    "yellow": (245, 215, 40),
-    "beige": (225, 205, 165),
-    "tan": (190, 150, 100),
-    "brown": (115, 70, 35),
-    "olive": (120, 120, 40),
-    "green": (40, 160, 60),
-    "dark green": (20, 80, 35),
-    "lime": (160, 215, 60),
-    "teal": (20, 128, 128),
-    "turquoise": (60, 200, 200),
-    "light blue": (140, 190, 235),
-    "blue": (35, 80, 200),
-    "navy": (20, 30, 90),
-    "purple": (110, 40, 140),
-    "lavender": (185, 165, 225),
-}
-
-
-def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """(N, 3) sRGB in [0, 1] -> (N, 3) CIE Lab (D65), through kornia."""
-    from kornia.color import rgb_to_lab as kornia_rgb_to_lab
-
-    return kornia_rgb_to_lab(rgb.T.reshape(3, -1, 1)).reshape(3, -1).T
-
-
-_named_lab: tuple[list[str], torch.Tensor] | None = None
-
-
-def name_colour(lab: torch.Tensor) -> list[str]:
-    """Nearest named colour (CIE76 distance in Lab) for each row of ``lab``."""
-    global _named_lab
-    if _named_lab is None:
-        names = list(NAMED_COLOURS)
-        table = torch.tensor([NAMED_COLOURS[n] for n in names], dtype=torch.float32) / 255.0
-        _named_lab = (names, rgb_to_lab(table))
-    names, table = _named_lab
-    return [names[i] for i in torch.cdist(lab.float(), table).argmin(1).tolist()]
-
-
-def kmeans(points: torch.Tensor, k: int, iterations: int = 25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic k-means (k-means++ start); returns (centres, assignment)."""
-    generator = torch.Generator().manual_seed(seed)
-    k = min(k, len(points))
-    centres = points[torch.randint(len(points), (1,), generator=generator)]
-    for _ in range(1, k):
-        dist = torch.cdist(points, centres).min(1).values.pow(2)
-        if float(dist.sum()) == 0.0:
-            break
-        pick = torch.multinomial(dist / dist.sum(), 1, generator=generator)
-        centres = torch.cat([centres, points[pick]])
-    assign = torch.zeros(len(points), dtype=torch.long)
-    for _ in range(iterations):
-        assign = torch.cdist(points, centres).argmin(1)
-        moved = torch.stack([
-            points[assign == c].mean(0) if bool((assign == c).any()) else centres[c]
-            for c in range(len(centres))
-        ])
-        if torch.allclose(moved, centres, atol=1e-3):
-            centres = moved
-            break
-        centres = moved
-    return centres, assign
-
-
-def dominant_colours(pixels: np.ndarray, k: int, max_points: int = 20_000) -> list[dict[str, Any]]:
-    """(N, 3) uint8 RGB foreground pixels -> named colours with their share, largest first."""
-    if len(pixels) == 0:
-        return []
-    generator = torch.Generator().manual_seed(0)
-    points = torch.from_numpy(pixels.astype(np.float32) / 255.0)
-    if len(points) > max_points:
-        points = points[torch.randperm(len(points), generator=generator)[:max_points]]
-    lab = rgb_to_lab(points)
-    centres, assign = kmeans(lab, k)
-    shares = torch.bincount(assign, minlength=len(centres)).float() / len(lab)
-    merged: dict[str, dict[str, Any]] = {}
-    for centre, share, name in zip(centres, shares.tolist(), name_colour(centres)):
-        if share <= 0:
-            continue
-        entry = merged.setdefault(name, {"name": name, "share": 0.0, "lab": [0.0, 0.0, 0.0]})
-        total = entry["share"] + share
-        entry["lab"] = [(a * entry["share"] + b * share) / total for a, b in zip(entry["lab"], centre.tolist())]
-        entry["share"] = total
-    colours = sorted(merged.values(), key=lambda c: -c["share"])
-    for colour in colours:
-        colour["share"] = round(colour["share"], 4)
-        colour["lab"] = [round(v, 1) for v in colour["lab"]]
-    return colours
-
-
-def background_plainness(pixels: np.ndarray, tolerance: float = 12.0) -> dict[str, Any]:
-    """How uniform the background is: the share of background pixels within ``tolerance``
-    (CIE76 ΔE) of the background's median Lab colour, plus that colour's name."""
-    if len(pixels) == 0:
-        return {"score": None, "reason": "no background visible"}
-    generator = torch.Generator().manual_seed(0)
-    points = torch.from_numpy(pixels.astype(np.float32) / 255.0)
-    if len(points) > 50_000:
-        points = points[torch.randperm(len(points), generator=generator)[:50_000]]
-    lab = rgb_to_lab(points)
-    median = lab.median(0).values
-    distance = (lab - median).norm(dim=1)
-    return {
-        "score": round(float((distance <= tolerance).float().mean()), 4),
-        "colour": name_colour(median[None])[0],
-        "mean_delta_e": round(float(distance.mean()), 2),
-    }
 
 
 # --- mask analysis ----------------------------------------------------------------------------
@@ -354,7 +287,9 @@ def main_object_box(binary: np.ndarray, min_fraction: float = 0.05) -> tuple[int
 
 
 def analyse_mask(image: Image.Image, mask: np.ndarray, clusters: int) -> MaskAnalysis:
-    rgb = np.asarray(image.convert("RGB"))
+    """Box, colours and background of ``image`` under ``mask`` (same size; keep both small:
+    the step passes a copy at most ANALYSIS_MAX_SIDE on its longer side)."""
+    pixels = np.asarray(rgb(image))
     binary = mask >= FOREGROUND
     if binary.mean() < MIN_FOREGROUND_SHARE:
         binary = np.zeros_like(binary)
@@ -362,16 +297,27 @@ def analyse_mask(image: Image.Image, mask: np.ndarray, clusters: int) -> MaskAna
     return MaskAnalysis(
         box=box,
         foreground_share=float(binary.mean()),
-        colours=dominant_colours(rgb[binary], clusters),
-        background=background_plainness(rgb[mask < BACKGROUND]),
+        colours=dominant_colours(pixels[binary], clusters),
+        background=background_plainness(pixels[mask < BACKGROUND]),
     )
 
 
-def write_cutout(image: Image.Image, mask: np.ndarray, box: tuple[int, int, int, int], path: Path) -> Artifact:
-    """RGBA PNG of the product, cropped to its box, alpha = the soft mask."""
-    rgba = image.convert("RGB").copy()
-    rgba.putalpha(Image.fromarray(np.round(mask * 255).astype(np.uint8)))
-    cut = rgba.crop(box)
+def to_photo_box(box: tuple[int, int, int, int], scale: tuple[float, float],
+                 size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box measured on the analysis copy, in the photo's pixels (rounded outwards)."""
+    sx, sy = scale
+    width, height = size
+    return (max(0, math.floor(box[0] / sx)), max(0, math.floor(box[1] / sy)),
+            min(width, math.ceil(box[2] / sx)), min(height, math.ceil(box[3] / sy)))
+
+
+def write_cutout(image: Image.Image, mask: Mask, box: tuple[int, int, int, int], path: Path) -> Artifact:
+    """RGBA PNG of the product at the photo's resolution, cropped to its box, alpha = the
+    soft mask resampled for that box only."""
+    cut = rgb(image).crop(box)
+    x0, y0, x1, y1 = box
+    alpha = mask.resized(cut.width, cut.height, (float(x0), float(y0), float(x1), float(y1)))
+    cut.putalpha(Image.fromarray(np.round(alpha * 255).astype(np.uint8)))
     path.parent.mkdir(parents=True, exist_ok=True)
     cut.save(path, format="PNG")
     return Artifact("cutout", path, cut.width, cut.height)
@@ -380,20 +326,21 @@ def write_cutout(image: Image.Image, mask: np.ndarray, box: tuple[int, int, int,
 # --- step --------------------------------------------------------------------------------------
 
 
-class SegmentationStep(ModelStep[np.ndarray]):
+class SegmentationStep(ModelStep[Mask]):
     name: ClassVar[str] = "segmentation"
 
-    def build(self, settings: Any) -> VisionModel[np.ndarray]:
+    def build(self, settings: Settings) -> VisionModel[Mask]:
         return build_segmenter(settings)
 
     def run(self, ctx: ImageContext) -> StepResult:
         settings = ctx.settings
-        model = self.model(settings)
-        mask = model.infer(ctx.image)
-        analysis = analyse_mask(ctx.image, mask, settings.colour_clusters)
+        mask = self.model(settings).infer(ctx.image)
+        work, scale = fit_within(rgb(ctx.image), ANALYSIS_MAX_SIDE)
+        analysis = analyse_mask(work, mask.resized(work.width, work.height), settings.colour_clusters)
+        box = to_photo_box(analysis.box, scale, ctx.image.size) if analysis.box else None
         artifacts = []
-        if analysis.box is not None:
-            artifacts.append(write_cutout(ctx.image, mask, analysis.box,
+        if box is not None:
+            artifacts.append(write_cutout(ctx.image, mask, box,
                                           ctx.artifact_dir / f"{ctx.image_id}-cutout.png"))
         tags = [Tag(colour["name"], colour["share"], "colour") for colour in analysis.colours
                 if colour["share"] >= settings.colour_min_share]
@@ -401,7 +348,7 @@ class SegmentationStep(ModelStep[np.ndarray]):
             tags=tags,
             artifacts=artifacts,
             data={
-                "box": list(analysis.box) if analysis.box else None,
+                "box": list(box) if box else None,
                 "foreground_share": round(analysis.foreground_share, 4),
                 "colours": analysis.colours,
                 "plain_background": analysis.background,

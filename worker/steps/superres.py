@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from worker.config import Settings
-from worker.models.runtime import Prepared, VisionModel, get_model, model_kwargs
+from worker.models.runtime import Prepared, VisionModel, model_for
 from worker.models.tiling import upscale_tiled
 from worker.pipeline.contract import Artifact, ImageContext, StepResult, StepUnavailable
 
@@ -164,15 +164,18 @@ class SRModel(VisionModel[torch.Tensor]):
     tiles of different images and so of different sizes: forwards run per tile shape.
     """
 
+    digest_length = 12
+
     def __init__(self, files: ModelFiles, **runtime_kwargs: Any) -> None:
         super().__init__(**runtime_kwargs)
         self.files = files
         self.name = files.name
 
-    def _build(self) -> tuple[nn.Module, str]:
-        from worker.models.ncnn.port import file_sha256
+    def weights(self) -> Sequence[Path]:
+        return [self.files.weights]
 
-        return build_module(self.files), f"{self.files.name}@{file_sha256(self.files.weights)[:12]}"
+    def _build(self) -> nn.Module:
+        return build_module(self.files)
 
     def prepare(self, image: torch.Tensor | Image.Image) -> Prepared:
         if isinstance(image, Image.Image):  # the runtime's warm-up image
@@ -187,36 +190,32 @@ class SRModel(VisionModel[torch.Tensor]):
         return output
 
     def forward_batch(self, items: list[Prepared]) -> list[torch.Tensor]:
-        module = self.load()
-        outputs: list[torch.Tensor | None] = [None] * len(items)
+        """One forward per tile shape (a batch may hold tiles of several images)."""
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, item in enumerate(items):
             by_shape.setdefault(tuple(item.tensor.shape), []).append(index)
+        outputs: dict[int, torch.Tensor] = {}
         for indices in by_shape.values():
-            batch = torch.stack([items[i].tensor for i in indices]).to(self.device)
-            with torch.inference_mode(), self._autocast():
-                result = module(batch).float().cpu()
-            for i, row in zip(indices, result):
-                outputs[i] = row
-        return outputs  # type: ignore[return-value]
+            results = super().forward_batch([items[i] for i in indices])
+            outputs.update(zip(indices, results, strict=True))
+        return [outputs[i] for i in range(len(items))]
 
 
 def get_sr_model(files: ModelFiles, settings: Settings) -> SRModel:
     """The process-wide runtime model for these weights and runtime settings."""
-    key = ("superres", files.name, str(files.weights), settings.device,
-           settings.batch_max_size, settings.batch_timeout_ms)
-    return get_model(key, lambda: SRModel(files, **model_kwargs(settings)))
+    return model_for(settings, ("superres", files.name, str(files.weights)),
+                     lambda **kwargs: SRModel(files, **kwargs))
 
 
 def upscale_image(image: Image.Image, files: ModelFiles, settings: Settings) -> np.ndarray:
     """One model pass over ``image`` in tiles through the runtime batcher -> uint8 HWC."""
     model = get_sr_model(files, settings)
-    model.load()
+    batching = model.batching()  # loads the model
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         tiles = [tile.contiguous() for tile in batch]
-        if model.batch_max_size <= 1:
+        if not batching:
             return torch.stack([model.predict(tile) for tile in tiles])
         # all tiles queued at once: the batcher runs them (and other images' tiles) together
         futures = [model.submit(tile) for tile in tiles]
@@ -240,27 +239,17 @@ class SuperResStep:
     name: ClassVar[str] = "superres"
     requires: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self) -> None:
-        self._versions: dict[Path, str] = {}
-        self._lock = threading.Lock()
-
     def version(self, settings: Settings) -> str:
         """Every model this configuration may use, each with its weights hash (the model
-        actually applied to an image is in the result's ``data["models"]``)."""
-        names = sorted({f.name + "@" + self._digest(f.weights)
+        actually applied to an image is in the result's ``data["models"]``). The versions
+        come from the runtime registry's models, which hash their files once per process
+        and are not loaded for it."""
+        names = sorted({get_sr_model(f, settings).version
                         for scale in (2, 4)
                         for f in plan(settings, 1 if scale == 4 else settings.effective_sr_target_side // 2)})
         if not names:
             raise StepUnavailable("no super-resolution model installed")
         return f"superres/{settings.sr_model}:" + "+".join(names)
-
-    def _digest(self, path: Path) -> str:
-        with self._lock:
-            if path not in self._versions:
-                from worker.models.ncnn.port import file_sha256
-
-                self._versions[path] = file_sha256(path)[:12]
-            return self._versions[path]
 
     def run(self, ctx: ImageContext) -> StepResult:
         settings = ctx.settings
@@ -280,7 +269,7 @@ class SuperResStep:
         image = ctx.image.convert("RGB")
         for files in passes:
             image = Image.fromarray(upscale_image(image, files, settings))
-        used = [f"{f.name}@{self._digest(f.weights)}" for f in passes]
+        used = [get_sr_model(f, settings).version for f in passes]
         path = ctx.artifact_dir / f"{ctx.image_id}_superres_x{scale}.png"
         tmp = path.with_suffix(".tmp.png")
         image.save(tmp, format="PNG")

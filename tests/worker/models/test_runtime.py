@@ -7,7 +7,9 @@ equality is checked in test_tagging/test_detect/test_segment.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 from PIL import Image
 
 from worker.config import load_settings
-from worker.models.common import letterbox, package_file, to_tensor
+from worker.models.common import file_digest, letterbox, package_file, to_tensor
 from worker.models.runtime import (
     ModelUnavailable,
     Prepared,
@@ -49,9 +51,12 @@ class ToyModel(VisionModel[np.ndarray]):
         super().__init__(**kwargs)
         self.builds = 0
 
-    def _build(self) -> tuple[torch.nn.Module, str]:
+    def weights(self) -> Sequence[Path]:
+        return [Path(__file__)]  # any file: the version is its digest
+
+    def _build(self) -> torch.nn.Module:
         self.builds += 1
-        return _Poisonable(), "toy@1"
+        return _Poisonable()
 
     def prepare(self, image: Image.Image) -> Prepared:
         if image.info.get("unreadable"):
@@ -103,7 +108,8 @@ def test_loads_lazily_once_and_registry_shares_instances() -> None:
     assert not first.loaded  # nothing loads until the first prediction (fork safety)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(first.predict, _images(8)))
-    assert first.builds == 1 and first.version == "toy@1"
+    assert isinstance(first, ToyModel)
+    assert first.builds == 1 and first.version == f"toy@{file_digest(Path(__file__))}"
     assert get_model(("toy", 1), ToyModel) is first
     clear_models()
     assert get_model(("toy", 1), ToyModel) is not first
@@ -115,7 +121,7 @@ def test_batch_equals_one_by_one_for_different_sizes() -> None:
     images = _images(6)
     single = [model.predict(image) for image in images]
     batched = model.predict_batch(images)
-    for a, b in zip(single, batched):
+    for a, b in zip(single, batched, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -204,17 +210,17 @@ def test_forked_child_forgets_the_parents_models() -> None:
 
     model = get_model(("toy", "fork"), lambda: ToyModel(batch_max_size=4, batch_timeout_ms=1))
     model.infer(_images(1)[0])  # loaded, batcher thread running in the parent
-    parent_module = model._module
+    parent_backend = model._backend
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             model._check_fork()
-            fresh = model._module is None and model._batcher is None
+            fresh = model._backend is None and model._batcher is None
             code = 0 if fresh and not runtime._registry else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert model._module is parent_module and runtime._registry
+    assert model._backend is parent_backend and runtime._registry
     clear_models()

@@ -12,6 +12,7 @@ from PIL import Image
 from skimage import data
 
 from worker.config import Settings, load_settings
+from worker.models.backends import TorchBackend
 from worker.pipeline.contract import ImageContext, StepUnavailable
 from worker.steps.detection import DetectionStep, YoloV3Tiny, build_detector
 
@@ -76,7 +77,7 @@ def test_boxes_map_back_to_original_pixels_at_any_size(yolo: YoloV3Tiny, dog: Im
     canvas = Image.new("RGB", (968, 656), (90, 90, 90))
     canvas.paste(dog, (100, 60))
     result = yolo.predict(canvas)
-    dogs = [box for box, label in zip(result.boxes.tolist(), result.labels) if label == "dog"]
+    dogs = [box for box, label in zip(result.boxes.tolist(), result.labels, strict=True) if label == "dog"]
     x0, y0, x1, y1 = DOG_TRUTH["dog"]
     assert dogs and max(iou(tuple(box), (x0 + 100, y0 + 60, x1 + 100, y1 + 60)) for box in dogs) >= 0.5
 
@@ -88,7 +89,7 @@ def test_score_threshold_setting(tmp_path: Path, dog: Image.Image) -> None:
 
 def test_batch_equals_one_by_one_for_different_sizes(yolo: YoloV3Tiny, dog: Image.Image) -> None:
     images = [dog, Image.fromarray(data.coffee()), dog.resize((300, 500)), Image.fromarray(data.chelsea())]
-    for image, together in zip(images, yolo.predict_batch(images)):
+    for image, together in zip(images, yolo.predict_batch(images), strict=True):
         alone = yolo.predict(image)
         assert together.labels == alone.labels
         torch.testing.assert_close(together.boxes, alone.boxes, atol=1e-2, rtol=1e-4)
@@ -100,7 +101,7 @@ def test_concurrent_threads_get_their_own_detections(yolo: YoloV3Tiny, dog: Imag
     expected = [yolo.predict(image) for image in images]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(yolo.infer, images))
-    for got, want in zip(results, expected):
+    for got, want in zip(results, expected, strict=True):
         assert got.labels == want.labels
         torch.testing.assert_close(got.boxes, want.boxes, atol=1e-2, rtol=1e-4)
     assert max(yolo._get_batcher().batch_sizes) > 1
@@ -116,7 +117,9 @@ def test_matches_opencv_darknet_reader(yolo: YoloV3Tiny, dog: Image.Image) -> No
     net.setInput(x.numpy())
     theirs = np.concatenate(net.forward(net.getUnconnectedOutLayersNames()), 0)
     with torch.inference_mode():
-        ours = yolo.load()(x)[0].numpy().copy()
+        backend = yolo.load()
+        assert isinstance(backend, TorchBackend)
+        ours = backend.module(x)[0].numpy().copy()
     # ours: per yolo layer (anchor, y, x) rows, boxes in input pixels; OpenCV: (y, x, anchor),
     # boxes relative to the input, class scores multiplied by objectness and zeroed below ~0.2.
     rows, offset = [], 0
@@ -151,3 +154,18 @@ def test_torchvision_detector_needs_a_checkpoint(tmp_path: Path, dog: Image.Imag
     result = step.run(make_ctx(dog.resize((320, 240)), settings))
     assert step.version(settings).startswith(f"torchvision-{builder}@")
     assert all(d.label in ("mug", "shoe") for d in result.detections)
+
+
+def test_torchvision_detector_input_is_capped_and_boxes_map_back() -> None:
+    from worker.steps.detection import TorchvisionDetector
+
+    detector = TorchvisionDetector("fasterrcnn_mobilenet_v3_large_fpn", None)
+    detector.class_names = ["__background__", "mug"]
+    prepared = detector.prepare(Image.new("RGB", (4000, 1000)))
+    assert tuple(prepared.tensor.shape) == (3, 333, 1333)  # the model's own max_size
+    output = {"boxes": torch.tensor([[133.3, 33.3, 266.6, 66.6], [0.0, 0.0, 2000.0, 500.0]]),
+              "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 1])}
+    raw = detector.postprocess(output, prepared.meta)
+    torch.testing.assert_close(raw.boxes[0], torch.tensor([400.0, 100.0, 800.0, 200.0]), atol=1.0, rtol=0)
+    torch.testing.assert_close(raw.boxes[1], torch.tensor([0.0, 0.0, 4000.0, 1000.0]))  # clamped to the photo
+    assert raw.labels == ["mug", "mug"]

@@ -14,6 +14,7 @@ from skimage import data
 from worker.config import Settings, load_settings
 from worker.pipeline.contract import ImageContext, StepUnavailable
 from worker.steps.segmentation import (
+    Mask,
     SegmentationStep,
     U2Netp,
     build_segmenter,
@@ -92,9 +93,9 @@ def test_mask_matches_object_on_plain_backgrounds(u2netp: U2Netp, record_propert
             images.append(image)
             truths.append(truth)
             names.append(f"{obj_name} on {bg_name}")
-    ious = [mask_iou(mask, truth) for mask, truth in zip(u2netp.predict_batch(images), truths)]
-    record_property("plain_ious", dict(zip(names, ious)))  # type: ignore[operator]
-    assert min(ious) >= 0.85, dict(zip(names, ious))
+    ious = [mask_iou(mask.full(), truth) for mask, truth in zip(u2netp.predict_batch(images), truths, strict=True)]
+    record_property("plain_ious", dict(zip(names, ious, strict=True)))  # type: ignore[operator]
+    assert min(ious) >= 0.85, dict(zip(names, ious, strict=True))
 
 
 def test_busy_backgrounds_figure(u2netp: U2Netp, record_property: object) -> None:
@@ -107,7 +108,7 @@ def test_busy_backgrounds_figure(u2netp: U2Netp, record_property: object) -> Non
     for obj_name, (obj, shape) in photo_objects().items():
         for bg_name, background in busy.items():
             image, truth = paste(background, obj, shape, rng)
-            ious[f"{obj_name} on {bg_name}"] = mask_iou(u2netp.predict(image), truth)
+            ious[f"{obj_name} on {bg_name}"] = mask_iou(u2netp.predict(image).full(), truth)
     record_property("busy_ious", ious)  # type: ignore[operator]
     print("busy-background mask IoU:", {k: round(v, 3) for k, v in ious.items()})
     assert max(ious.values()) > 0.3
@@ -134,7 +135,8 @@ def test_step_writes_cutout_box_and_background_score(settings: Settings, u2netp:
     result = SegmentationStep().run(make_ctx(image, settings, image_id=1234))
     ys, xs = np.nonzero(truth)
     expected = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    assert all(abs(a - b) <= 6 for a, b in zip(result.data["box"], expected)), (result.data["box"], expected)
+    box = result.data["box"]
+    assert all(abs(a - b) <= 6 for a, b in zip(box, expected, strict=True)), (box, expected)
     [artifact] = result.artifacts
     assert artifact.kind == "cutout" and artifact.path.parent == settings.effective_artifact_dir / "0001"
     cutout = Image.open(artifact.path)
@@ -155,10 +157,10 @@ def test_blank_photo_has_no_product(settings: Settings, u2netp: U2Netp) -> None:
 
 def test_batch_equals_one_by_one_for_different_sizes(u2netp: U2Netp) -> None:
     images = [solid_product((30, 70, 190)), Image.fromarray(data.chelsea()).resize((180, 260))]
-    for image, together in zip(images, u2netp.predict_batch(images)):
+    for image, together in zip(images, u2netp.predict_batch(images), strict=True):
         alone = u2netp.predict(image)
-        assert together.shape == (image.height, image.width)
-        np.testing.assert_allclose(together, alone, atol=1e-4)
+        assert together.full().shape == (image.height, image.width)
+        np.testing.assert_allclose(together.full(), alone.full(), atol=1e-4)
 
 
 def test_dominant_colours_ignore_nothing_but_their_input() -> None:
@@ -183,7 +185,39 @@ def test_torchvision_segmenter_from_a_checkpoint(tmp_path: Path) -> None:
     settings = load_settings(device="cpu", data_dir=tmp_path, segmenter=f"torchvision:{builder}",
                              segmenter_checkpoint=checkpoint, segmenter_input_size=224)
     segmenter = build_segmenter(settings)
-    masks = segmenter.predict_batch([image, image.resize((90, 120))])
+    masks = [mask.full() for mask in segmenter.predict_batch([image, image.resize((90, 120))])]
     assert masks[0].shape == (150, 200) and masks[1].shape == (120, 90)
-    np.testing.assert_allclose(masks[1], segmenter.predict(image.resize((90, 120))), atol=1e-4)
+    np.testing.assert_allclose(masks[1], segmenter.predict(image.resize((90, 120))).full(), atol=1e-4)
     assert segmenter.version.startswith(f"torchvision-{builder}@")
+
+
+def test_mask_resamples_like_interpolate_and_crops_exactly() -> None:
+    """The step never builds a full-size float mask: a box of it resampled on its own must
+    equal that box of the full-size mask, which must equal torch's bilinear resize."""
+    rng = np.random.default_rng(7)
+    prob = rng.random((32, 32)).astype(np.float32)
+    mask = Mask(prob, (203, 150))
+    full = mask.full()
+    expected = torch.nn.functional.interpolate(torch.from_numpy(prob)[None, None], size=(150, 203),
+                                               mode="bilinear", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(full, expected, atol=1e-5)
+    np.testing.assert_allclose(mask.resized(121, 82, (40.0, 17.0, 161.0, 99.0)), full[17:99, 40:161], atol=1e-5)
+    small = mask.resized(101, 75)  # half size: what the analysis copy of a large photo uses
+    assert small.shape == (75, 101) and small.min() >= 0.0 and small.max() <= 1.0
+
+
+def test_large_photo_is_analysed_on_a_bounded_copy_and_box_maps_back(settings: Settings, u2netp: U2Netp) -> None:
+    """A photo larger than ANALYSIS_MAX_SIDE gives the same box (scaled) as its small copy."""
+    from worker.steps.segmentation import ANALYSIS_MAX_SIDE
+
+    small = solid_product((30, 70, 190))
+    large = small.resize((small.width * 4, small.height * 4), Image.Resampling.NEAREST)
+    assert max(large.size) > ANALYSIS_MAX_SIDE
+    small_box = SegmentationStep().run(make_ctx(small, settings, image_id=21)).data["box"]
+    result = SegmentationStep().run(make_ctx(large, settings, image_id=22))
+    box = result.data["box"]
+    assert all(abs(a - 4 * b) <= 8 for a, b in zip(box, small_box, strict=True)), (box, small_box)
+    [artifact] = result.artifacts
+    assert (artifact.width, artifact.height) == (result.data["box"][2] - result.data["box"][0],
+                                                 result.data["box"][3] - result.data["box"][1])
+    assert result.data["colours"][0]["name"] == "blue"

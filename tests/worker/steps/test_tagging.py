@@ -17,6 +17,7 @@ from worker.steps.tagging import (
     TaggingStep,
     Taxonomy,
     imagenet_classes,
+    tagging_model,
 )
 
 CAT_LABELS = {"tiger cat", "tabby", "Egyptian cat", "Persian cat", "Siamese cat"}
@@ -35,16 +36,15 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def step(settings: Settings) -> TaggingStep:
-    step = TaggingStep()
-    step._configure(settings)
-    return step
+def step() -> TaggingStep:
+    return TaggingStep()
 
 
 @pytest.fixture(scope="module")
-def model(step: TaggingStep) -> EfficientNetLite0:
-    assert isinstance(step._model, EfficientNetLite0)
-    return step._model
+def model(settings: Settings) -> EfficientNetLite0:
+    model = tagging_model(settings)
+    assert isinstance(model, EfficientNetLite0)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +88,30 @@ def test_batch_equals_one_by_one_for_different_sizes(model: EfficientNetLite0, c
                                                      chelsea: Image.Image) -> None:
     images = [coffee, chelsea.resize((301, 187)), Image.fromarray(data.astronaut()).resize((150, 260))]
     batched = model.predict_batch(images)
-    for image, together in zip(images, batched):
+    for image, together in zip(images, batched, strict=True):
         alone = model.predict(image)
         np.testing.assert_allclose(together.embedding, alone.embedding, atol=1e-5)
         torch.testing.assert_close(together.probs, alone.probs, atol=1e-5, rtol=1e-4)
+
+
+def test_prepare_resamples_only_the_eval_crop(model: EfficientNetLite0, coffee: Image.Image) -> None:
+    """Same input as "resize the short side to 256, centre-crop 224" (the model's eval
+    transform), computed without the resized image: a 1x20000 strip made that 3.9 GB."""
+    def resize_then_crop(image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        scale = 256 / min(width, height)
+        new_w, new_h = max(224, round(width * scale)), max(224, round(height * scale))
+        resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - 224) // 2, (new_h - 224) // 2
+        crop = resized.crop((left, top, left + 224, top + 224))
+        return torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+    for image in (coffee, coffee.resize((1500, 1000)), coffee.resize((301, 187)), coffee.resize((90, 700))):
+        diff = (model.prepare(image).tensor - resize_then_crop(image)).abs() * 127.5
+        # Pillow's fixed-point filter coefficients round differently for a sub-box: a few
+        # levels on single pixels when upsampling, nothing on average.
+        assert float(diff.mean()) < 0.2 and float(diff.max()) <= 8.01, (image.size, float(diff.max()))
+    assert model.prepare(Image.new("RGB", (1, 20000))).tensor.shape == (3, 224, 224)
 
 
 def test_version_names_model_and_weights(step: TaggingStep, settings: Settings) -> None:

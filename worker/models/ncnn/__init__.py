@@ -14,7 +14,6 @@ from worker.models.ncnn.port import (
     NCNN_MODELS,
     NcnnModelSpec,
     build_from_ncnn,
-    file_sha256,
     import_ncnn_models,
     model_from_json,
     ncnn_reference,
@@ -24,6 +23,7 @@ from worker.models.ncnn.port import (
     verification_image,
     verify_against_ncnn,
 )
+from worker.models.weights import file_sha256
 
 __all__ = [
     "NCNN_MODELS", "Layer", "NcnnModelSpec", "NcnnNet", "NcnnSR", "UnsupportedLayer", "build_from_ncnn",

@@ -23,9 +23,10 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -247,7 +248,9 @@ class _PReLU(nn.Module):
         return F.prelu(x, self.weight.to(x.dtype))
 
 
-_ELTWISE = {0: torch.mul, 1: torch.add, 2: torch.maximum}
+_ELTWISE: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    0: torch.mul, 1: torch.add, 2: torch.maximum,
+}
 
 
 _BINARY: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -303,7 +306,7 @@ class NcnnNet(nn.Module):
                 raise UnsupportedLayer(f"layer {layer.name}: Interp mode {layer.get(0)}")
             for top in layer.tops:
                 channels[top] = c_out
-        self.input_blob = next(l.tops[0] for l in layers if l.type == "Input")
+        self.input_blob = next(layer.tops[0] for layer in layers if layer.type == "Input")
         self.output_blob = layers[-1].tops[0]
         # Free each blob after its last use so long residual graphs keep memory flat.
         last_use: dict[str, int] = {}
@@ -326,7 +329,7 @@ class NcnnNet(nn.Module):
             for bottom in layer.bottoms:
                 if self._last_use.get(bottom) == index and bottom != self.output_blob:
                     blobs.pop(bottom, None)
-            for top, value in zip(layer.tops, outputs):
+            for top, value in zip(layer.tops, outputs, strict=True):
                 blobs[top] = value
         return blobs[self.output_blob]
 
@@ -352,7 +355,7 @@ class NcnnNet(nn.Module):
             coeffs = [float(c) for c in layer.get(1, [])]
             if op == 1 and coeffs:
                 out = xs[0] * coeffs[0]
-                for coeff, x in zip(coeffs[1:], xs[1:]):
+                for coeff, x in zip(coeffs[1:], xs[1:], strict=True):
                     out = out + x * coeff
                 return [out]
             out = xs[0]
@@ -360,11 +363,11 @@ class NcnnNet(nn.Module):
                 out = _ELTWISE[op](out, x)
             return [out]
         if t == "BinaryOp":
-            op = _BINARY[int(layer.get(0, 0))]
+            binary = _BINARY[int(layer.get(0, 0))]
             if int(layer.get(1, 0)):  # with_scalar
                 b = torch.tensor(float(layer.get(2, 0.0)), dtype=xs[0].dtype, device=xs[0].device)
-                return [op(xs[0], b)]
-            return [op(xs[0], xs[1])]
+                return [binary(xs[0], b)]
+            return [binary(xs[0], xs[1])]
         if t == "Interp":
             mode = _INTERP_MODE[int(layer.get(0, 1))]
             out_h, out_w = int(layer.get(3, 0)), int(layer.get(4, 0))
@@ -381,8 +384,8 @@ class NcnnNet(nn.Module):
             top, bottom = int(layer.get(0, 0)), int(layer.get(1, 0))
             left, right = int(layer.get(2, 0)), int(layer.get(3, 0))
             mode = {0: "constant", 1: "replicate", 2: "reflect"}[int(layer.get(4, 0))]
-            kwargs = {"value": float(layer.get(5, 0.0))} if mode == "constant" else {}
-            return [F.pad(xs[0], (left, right, top, bottom), mode=mode, **kwargs)]
+            value = float(layer.get(5, 0.0)) if mode == "constant" else None
+            return [F.pad(xs[0], (left, right, top, bottom), mode=mode, value=value)]
         if t == "Crop":
             woff, hoff, coff = int(layer.get(0, 0)), int(layer.get(1, 0)), int(layer.get(2, 0))
             w, h, c = int(layer.get(3, 0)), int(layer.get(4, 0)), int(layer.get(5, 0))
@@ -444,7 +447,7 @@ class NcnnSR(nn.Module):
             # reflect needs more pixels than the pad; tiny inputs fall back to replicate
             mode = self.prepad_mode if min(h, w) > self.prepad else "replicate"
             x = F.pad(x, (self.prepad,) * 4, mode=mode)
-        y = self.net(x * self.pixel_scale) / self.pixel_scale
+        y: torch.Tensor = self.net(x * self.pixel_scale) / self.pixel_scale
         # Valid-conv graphs may return a few pixels more than s*H x s*W; centre-crop.
         dh, dw = y.shape[2] - self.scale * h, y.shape[3] - self.scale * w
         if dh or dw:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ from worker.models.ncnn.net import (
     parse_param,
     read_weights,
 )
+from worker.models.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ def run_uint8(model: nn.Module, image: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1)[None].float() / 255.0
     with torch.inference_mode():
         y = model(x)
-    return (y[0].permute(1, 2, 0) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    pixels: np.ndarray = (y[0].permute(1, 2, 0) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return pixels
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
@@ -139,21 +140,13 @@ def verification_image(size: int = 48) -> np.ndarray:
     from PIL import Image
     from skimage import data
 
-    crop = data.astronaut()[30:230, 150:350]
-    return np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+    crop = data.astronaut()[30:230, 150:350]  # type: ignore[no-untyped-call]
+    return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def verify_against_ncnn(spec: NcnnModelSpec, model: nn.Module, size: int = 48) -> float:
     image = verification_image(size)
     return psnr(run_uint8(model, image), ncnn_reference(spec, image))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def compact_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,134 @@
+"""Colours of a segmented product: dominant colours by k-means in CIE Lab, each named from a
+small table of the colour names shoppers filter by, and how plain the background is.
+
+Inputs are pixel lists (N, 3) uint8 RGB, sampled down to a fixed number of points, so the
+cost does not grow with the photo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+# sRGB anchors of the colour names shoppers filter by; matched to clusters in CIE Lab.
+NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
+    "black": (20, 20, 20),
+    "dark grey": (70, 70, 70),
+    "grey": (128, 128, 128),
+    "light grey": (195, 195, 195),
+    "white": (245, 245, 245),
+    "red": (200, 25, 30),
+    "dark red": (115, 15, 25),
+    "pink": (240, 150, 180),
+    "magenta": (215, 40, 150),
+    "orange": (240, 130, 30),
+    "yellow": (245, 215, 40),
+    "beige": (225, 205, 165),
+    "tan": (190, 150, 100),
+    "brown": (115, 70, 35),
+    "olive": (120, 120, 40),
+    "green": (40, 160, 60),
+    "dark green": (20, 80, 35),
+    "lime": (160, 215, 60),
+    "teal": (20, 128, 128),
+    "turquoise": (60, 200, 200),
+    "light blue": (140, 190, 235),
+    "blue": (35, 80, 200),
+    "navy": (20, 30, 90),
+    "purple": (110, 40, 140),
+    "lavender": (185, 165, 225),
+}
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 3) sRGB in [0, 1] -> (N, 3) CIE Lab (D65), through kornia."""
+    from kornia.color import rgb_to_lab as kornia_rgb_to_lab
+
+    return kornia_rgb_to_lab(rgb.T.reshape(3, -1, 1)).reshape(3, -1).T
+
+
+_named_lab: tuple[list[str], torch.Tensor] | None = None
+
+
+def name_colour(lab: torch.Tensor) -> list[str]:
+    """Nearest named colour (CIE76 distance in Lab) for each row of ``lab``."""
+    global _named_lab
+    if _named_lab is None:
+        names = list(NAMED_COLOURS)
+        table = torch.tensor([NAMED_COLOURS[n] for n in names], dtype=torch.float32) / 255.0
+        _named_lab = (names, rgb_to_lab(table))
+    names, table = _named_lab
+    return [names[i] for i in torch.cdist(lab.float(), table).argmin(1).tolist()]
+
+
+def kmeans(points: torch.Tensor, k: int, iterations: int = 25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic k-means (k-means++ start); returns (centres, assignment)."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(k, len(points))
+    centres = points[torch.randint(len(points), (1,), generator=generator)]
+    for _ in range(1, k):
+        dist = torch.cdist(points, centres).min(1).values.pow(2)
+        if float(dist.sum()) == 0.0:
+            break
+        pick = torch.multinomial(dist / dist.sum(), 1, generator=generator)
+        centres = torch.cat([centres, points[pick]])
+    assign = torch.zeros(len(points), dtype=torch.long)
+    for _ in range(iterations):
+        assign = torch.cdist(points, centres).argmin(1)
+        moved = torch.stack([
+            points[assign == c].mean(0) if bool((assign == c).any()) else centres[c]
+            for c in range(len(centres))
+        ])
+        if torch.allclose(moved, centres, atol=1e-3):
+            centres = moved
+            break
+        centres = moved
+    return centres, assign
+
+
+def dominant_colours(pixels: np.ndarray, k: int, max_points: int = 20_000) -> list[dict[str, Any]]:
+    """(N, 3) uint8 RGB foreground pixels -> named colours with their share, largest first."""
+    if len(pixels) == 0:
+        return []
+    generator = torch.Generator().manual_seed(0)
+    points = torch.from_numpy(pixels.astype(np.float32) / 255.0)
+    if len(points) > max_points:
+        points = points[torch.randperm(len(points), generator=generator)[:max_points]]
+    lab = rgb_to_lab(points)
+    centres, assign = kmeans(lab, k)
+    shares = torch.bincount(assign, minlength=len(centres)).float() / len(lab)
+    merged: dict[str, dict[str, Any]] = {}
+    for centre, share, name in zip(centres, shares.tolist(), name_colour(centres), strict=True):
+        if share <= 0:
+            continue
+        entry = merged.setdefault(name, {"name": name, "share": 0.0, "lab": [0.0, 0.0, 0.0]})
+        total = entry["share"] + share
+        entry["lab"] = [(a * entry["share"] + b * share) / total
+                        for a, b in zip(entry["lab"], centre.tolist(), strict=True)]
+        entry["share"] = total
+    colours = sorted(merged.values(), key=lambda c: -c["share"])
+    for colour in colours:
+        colour["share"] = round(colour["share"], 4)
+        colour["lab"] = [round(v, 1) for v in colour["lab"]]
+    return colours
+
+
+def background_plainness(pixels: np.ndarray, tolerance: float = 12.0) -> dict[str, Any]:
+    """How uniform the background is: the share of background pixels within ``tolerance``
+    (CIE76 ΔE) of the background's median Lab colour, plus that colour's name."""
+    if len(pixels) == 0:
+        return {"score": None, "reason": "no background visible"}
+    generator = torch.Generator().manual_seed(0)
+    points = torch.from_numpy(pixels.astype(np.float32) / 255.0)
+    if len(points) > 50_000:
+        points = points[torch.randperm(len(points), generator=generator)[:50_000]]
+    lab = rgb_to_lab(points)
+    median = lab.median(0).values
+    distance = (lab - median).norm(dim=1)
+    return {
+        "score": round(float((distance <= tolerance).float().mean()), 4),
+        "colour": name_colour(median[None])[0],
+        "mean_delta_e": round(float(distance.mean()), 2),
+    }
