@@ -5,7 +5,9 @@ re-compressed many times, and buyers see a poor listing. Three measurements:
 
 * the shorter side in pixels (``quality_min_side``);
 * sharpness: variance of the Laplacian (kornia) of the grey image scaled to 512 px on the
-  longer side, so the figure does not depend on the upload size (``quality_blur_threshold``);
+  longer side, so the figure does not depend on the upload size (``quality_blur_threshold``).
+  A photo thinner than 3 px at that scale (a strip like 1 x 20000) has no measurable
+  sharpness: the figure is null and only the size rule applies;
 * JPEG quality estimated from the quantisation tables of the file as uploaded
   (``quality_min_jpeg_quality``).
 """
@@ -24,12 +26,17 @@ from worker.pipeline.contract import Flag, ImageContext, StepResult
 ANALYSIS_SIDE = 512
 
 
-def laplacian_variance(image: Image.Image) -> float:
-    grey = image.convert("L")
-    if max(grey.size) != ANALYSIS_SIDE:
-        scale = ANALYSIS_SIDE / max(grey.size)
-        grey = grey.resize((max(1, round(grey.width * scale)), max(1, round(grey.height * scale))),
-                           Image.Resampling.BILINEAR)
+def laplacian_variance(image: Image.Image) -> float | None:
+    """Variance of the 3x3 Laplacian over the photo scaled to ANALYSIS_SIDE on its longer
+    side; None when the scaled photo is too thin for a 3x3 kernel."""
+    scale = ANALYSIS_SIDE / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    if min(size) < 3:
+        return None
+    # Shrink before converting, so no full-size grey copy of a large photo is ever made.
+    grey = image.resize(size, Image.Resampling.BILINEAR).convert("L") if scale < 1 else image.convert("L")
+    if grey.size != size:
+        grey = grey.resize(size, Image.Resampling.BILINEAR)
     arr = np.asarray(grey, dtype=np.float32)
     try:
         import kornia
@@ -39,8 +46,8 @@ def laplacian_variance(image: Image.Image) -> float:
         return float(lap.var())
     with torch.inference_mode():
         t = torch.from_numpy(arr)[None, None]
-        lap = kornia.filters.laplacian(t, kernel_size=3, border_type="reflect", normalized=False)
-        return float(lap[..., 1:-1, 1:-1].var())
+        filtered = kornia.filters.laplacian(t, kernel_size=3, border_type="reflect", normalized=False)
+        return float(filtered[..., 1:-1, 1:-1].var())
 
 
 class QualityStep:
@@ -57,13 +64,13 @@ class QualityStep:
         w, h = ctx.image.size
         sharpness = laplacian_variance(ctx.image)
         jpeg_q = estimate_quality(ctx.raw) if ctx.source_format == "JPEG" else None
-        data: dict[str, Any] = {"width": w, "height": h, "laplacian_variance": round(sharpness, 2),
-                                "jpeg_quality": jpeg_q}
+        data: dict[str, Any] = {"width": w, "height": h, "jpeg_quality": jpeg_q,
+                                "laplacian_variance": None if sharpness is None else round(sharpness, 2)}
         problems, score = [], 0.0
         if min(w, h) < s.quality_min_side:
             problems.append(f"tiny ({w}x{h} px, under {s.quality_min_side} px)")
             score = max(score, 0.6)
-        if sharpness < s.quality_blur_threshold:
+        if sharpness is not None and sharpness < s.quality_blur_threshold:
             problems.append(f"blurred (Laplacian variance {sharpness:.0f} < {s.quality_blur_threshold:.0f})")
             score = max(score, 0.5 + 0.5 * (1 - sharpness / max(s.quality_blur_threshold, 1e-6)))
         if jpeg_q is not None and jpeg_q < s.quality_min_jpeg_quality:

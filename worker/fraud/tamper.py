@@ -23,6 +23,7 @@ from PIL import Image
 
 from worker.config import Settings
 from worker.fraud.jpeg import estimate_quality
+from worker.models.common import fit_within
 from worker.pipeline.contract import Flag, ImageContext, StepResult
 
 EDITORS = re.compile(
@@ -30,13 +31,14 @@ EDITORS = re.compile(
     r"facetune|photopea|fotor|meitu|krita|corel|paintshop", re.IGNORECASE)
 EXIF_SOFTWARE = 0x0131
 ELA_QUALITY = 90
+ELA_MAX_SIDE = 1024
 BLOCK = 16
 
 
 def editor_software(raw: bytes) -> str | None:
     try:
         exif = Image.open(io.BytesIO(raw)).getexif()
-    except Exception:
+    except Exception:  # noqa: BLE001 - unreadable EXIF of any kind just means "no editor named"
         return None
     software = exif.get(EXIF_SOFTWARE)
     if isinstance(software, bytes):
@@ -47,10 +49,10 @@ def editor_software(raw: bytes) -> str | None:
 
 
 def error_level(image: Image.Image) -> dict[str, Any]:
-    """Block error levels after one more JPEG round trip at ``ELA_QUALITY``."""
-    rgb = image.convert("RGB")
-    if max(rgb.size) > 1024:  # the statistic is about regions, not pixels
-        rgb.thumbnail((1024, 1024), Image.Resampling.LANCZOS)
+    """Block error levels after one more JPEG round trip at ``ELA_QUALITY``, measured on the
+    photo shrunk to at most ``ELA_MAX_SIDE`` (the statistic is about regions, not pixels)."""
+    rgb, _ = fit_within(image if image.mode == "RGB" else image.convert("RGB"), ELA_MAX_SIDE,
+                        Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=ELA_QUALITY)
     again = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32)

@@ -10,7 +10,7 @@ import pytest
 import skimage.data
 from PIL import Image, ImageFilter
 
-from tests.support.fraud import context
+from tests.support.fraud import step_context
 from worker.config import load_settings
 from worker.fraud.category import CategoryStep, same_category
 from worker.fraud.jpeg import estimate_quality
@@ -30,17 +30,18 @@ def _jpeg(img: Image.Image, quality: int, exif: Image.Exif | None = None) -> byt
     return buf.getvalue()
 
 
-def _ctx(img: Image.Image, raw: bytes = b"", fmt: str = "PNG", category: str | None = None):  # noqa: ANN202
+def _ctx(img: Image.Image, raw: bytes = b"", fmt: str = "PNG", category: str | None = None):
     listing = type("Listing", (), {"id": 1, "seller_id": "s"})()
     row = type("Row", (), {"id": 1, "url": "u", "sha256": "x"})()
-    ctx = context(None, listing, row, raw, img, category=category)
+    ctx = step_context(listing, row, raw, img, category=category)
     ctx.source_format = fmt
     return ctx
 
 
 def test_jpeg_quality_estimate() -> None:
     for q in (20, 30, 50, 75, 90):
-        assert abs(estimate_quality(_jpeg(_coffee(), q)) - q) <= 2
+        estimate = estimate_quality(_jpeg(_coffee(), q))
+        assert estimate is not None and abs(estimate - q) <= 2
     assert estimate_quality(b"not an image") is None
 
 
@@ -114,6 +115,13 @@ def test_nsfw_scores_a_product_photo_as_safe() -> None:
 
     result = NsfwStep().run(_ctx(_coffee()))
     assert result.flags == [] and result.data["nsfw_score"] < 0.2
+    # open_nsfw runs on onnxruntime behind the shared runtime: a batch equals one by one.
+    from worker.fraud.nsfw import nsfw_model
+
+    model = nsfw_model(load_settings(device="cpu", batch_max_size=4))
+    photos = [_coffee(), Image.fromarray(skimage.data.astronaut()), _coffee().resize((90, 400))]
+    assert model.predict_batch(photos) == pytest.approx([model.predict(p) for p in photos], abs=1e-5)
+    assert model.load().engine == "onnxruntime" and model.batching()
     flagged = NsfwStep().run(dataclasses.replace(_ctx(_coffee()), settings=load_settings(nsfw_threshold=0.0)))
     assert [f.kind for f in flagged.flags] == ["nsfw"]
 
