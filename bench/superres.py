@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,8 +75,8 @@ def make_runner(module: torch.nn.Module, scale: int, name: str, device: torch.de
 
 
 def hr_crop(path: Path, max_side: int) -> np.ndarray:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
     w, h = min(image.width, max_side), min(image.height, max_side)
     w, h = w - w % 4, h - h % 4
     left, top = (image.width - w) // 2, (image.height - h) // 2
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     for scale in (2, 4):
         per_image: dict[str, list[dict]] = {"bicubic": [], **{m: [] for m in methods[scale]}}
         timings: dict[str, list[float]] = {m: [] for m in methods[scale]}
-        for m, run in methods[scale].items():  # warm-up (allocator, cuDNN autotune)
+        for run in methods[scale].values():  # warm-up (allocator, cuDNN autotune)
             run(np.zeros((32, 32, 3), np.uint8))
         for index, path in enumerate(photos):
             hr = hr_crop(path, max_side)
@@ -154,12 +155,15 @@ def main(argv: list[str] | None = None) -> dict:
                                      "ssim": ssim_y(out, hr, scale)})
             if index == 0:  # side-by-side crops from the first photo (coffee)
                 cy, cx = h // 2 - 48, w // 2 - 48
-                crop = lambda a: a[cy : cy + 96, cx : cx + 96]  # noqa: E731
+
+                def crop(a: np.ndarray, cy: int = cy, cx: int = cx) -> np.ndarray:
+                    return a[cy : cy + 96, cx : cx + 96]
+
                 lr_crop = lr[cy // scale : (cy + 96) // scale, cx // scale : (cx + 96) // scale]
                 items = [("LR", np.asarray(Image.fromarray(lr_crop).resize((96, 96), Image.Resampling.NEAREST)))]
                 items += [(m, crop(o)) for m, o in outputs.items()] + [("original", crop(hr))]
                 pictures.append((f"x{scale}", items))
-        summary = {}
+        summary: dict[str, dict[str, Any]] = {}
         for m, rows in per_image.items():
             summary[m] = {
                 "psnr_mean": statistics.fmean(r["psnr"] for r in rows),

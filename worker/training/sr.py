@@ -78,8 +78,8 @@ def degrade(hr: Image.Image, scale: int, rng: random.Random, clean_prob: float =
                                               Image.Resampling.LANCZOS]))
     if rng.random() < 0.5:
         array = np.asarray(image, dtype=np.float32)
-        array = array + np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(1, 5), array.shape)
-        image = Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8))
+        noisy = array + np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(1, 5), array.shape)
+        image = Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8))
     if rng.random() < 0.6:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=rng.randint(55, 95))
@@ -236,7 +236,7 @@ def evaluate(model: torch.nn.Module, paths: Sequence[Path], scale: int,
         sr = (out.permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
         rows.append((psnr_y(sr, hr, scale), ssim_y(sr, hr, scale),
                      psnr_y(bicubic, hr, scale), ssim_y(bicubic, hr, scale)))
-    psnr, ssim, psnr_b, ssim_b = (float(np.mean(col)) for col in zip(*rows))
+    psnr, ssim, psnr_b, ssim_b = (float(np.mean(col)) for col in zip(*rows, strict=True))
     return {"psnr": psnr, "ssim": ssim, "bicubic_psnr": psnr_b, "bicubic_ssim": ssim_b,
             "gain_db": psnr - psnr_b, "images": len(rows)}
 
@@ -300,7 +300,8 @@ def train_sr(
     model = CompactSR(scale, features, blocks).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * 0.02)
-    loader = torch.utils.data.DataLoader(PatchDataset(train_paths, scale, patch, seed, clean_prob), batch_size=batch_size)
+    dataset = PatchDataset(train_paths, scale, patch, seed, clean_prob)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     batches = iter(loader)
 
     history: list[dict[str, Any]] = []
