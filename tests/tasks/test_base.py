@@ -197,3 +197,27 @@ def _forget_engines() -> Iterator[None]:
     from db.session import dispose_engines
 
     dispose_engines()
+
+
+def test_the_outage_stamp_survives_a_trip_through_a_broker() -> None:
+    """What a retry publishes reaches the next delivery's ``request.headers`` (real kombu
+    transport in memory, the worker's own Request and Context)."""
+    from celery.app.task import Context
+    from celery.worker.request import Request
+
+    app = Celery("header-trip", broker="memory://", set_as_current=False)
+    app.conf.task_default_queue = "trip"
+    task = app.task(bind=True, base=DatabaseTask, name="test.trip")(always_down)
+    stamp = {OUTAGE_HEADER: "1000.000 3 2"}
+    with app.connection_for_write() as conn:
+        options: dict[str, Any] = {"retries": 3, "headers": stamp, "connection": conn}  # as retry() sends
+        task.apply_async(**options)
+        message = conn.SimpleQueue("trip").get(timeout=5)
+        request = Context(Request(message, app=app, task=task).request_dict)
+    assert request.retries == 3 and request.headers is not None
+    assert request.headers[OUTAGE_HEADER] == "1000.000 3 2"
+    task.push_request(retries=request.retries, headers=request.headers)
+    try:
+        assert task.work_retries == 1
+    finally:
+        task.pop_request()
