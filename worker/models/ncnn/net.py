@@ -248,12 +248,11 @@ class _PReLU(nn.Module):
         return F.prelu(x, self.weight.to(x.dtype))
 
 
-_ELTWISE: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    0: torch.mul, 1: torch.add, 2: torch.maximum,
-}
+_Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_ELTWISE: dict[int, _Op] = {0: torch.mul, 1: torch.add, 2: torch.maximum}
 
 
-_BINARY: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+_BINARY: dict[int, _Op] = {
     0: torch.add, 1: torch.sub, 2: torch.mul, 3: torch.div, 4: torch.maximum, 5: torch.minimum,
     6: torch.pow, 7: lambda a, b: b - a, 8: lambda a, b: b / a,
 }
