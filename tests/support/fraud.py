@@ -57,15 +57,6 @@ def step_context(listing: m.Listing, row: m.Image, raw: bytes, img: Image.Image,
     )
 
 
-def context(no_session: None, listing: m.Listing, row: m.Image, raw: bytes, img: Image.Image,
-            category: str | None = None, **settings: object) -> ImageContext:
-    """Old spelling of :func:`step_context` (its first argument was a session; steps no longer
-    get one). Kept until tests/worker/fraud/test_checks.py and test_contact.py switch."""
-    if no_session is not None:
-        raise TypeError("steps no longer get a database session; use step_context()")
-    return step_context(listing, row, raw, img, category, **settings)
-
-
 def stolen_copy(img: Image.Image) -> Image.Image:
     """What a copier does: crop a strip, mirror, shrink, re-compress hard, add a frame."""
     w, h = img.size
