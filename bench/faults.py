@@ -227,15 +227,20 @@ def worker_kill(suite: Suite, d: Deployment, opts: Options) -> Injection:
     probe = busy(d)
     for event in plan.events:
         send(d, event)
-    wait_until(probe, 120, "the worker to fetch images", d)
+    wait_until(probe, 120, "the workers to fetch images", d)
+    # The victim is the worker with the most downloads under way: it dies mid-task.
+    fetching = suite.host.fetching()
+    workers = [p for p in d.procs if p.name.startswith("worker") and p.alive()]
+    victim = max(workers, key=lambda p: fetching.get(p.pgid, 0))
     started = in_flight(d)
-    worker = next(p for p in d.procs if p.name.startswith("worker") and p.alive())
     fault_at = time.monotonic()
-    d.retire(worker)
-    worker.kill()
+    d.retire(victim)
+    victim.kill()
     d.start_worker(wait=False)
-    return Injection(plan, fault_at, "SIGKILL to the worker's process group, a new worker started",
-                     {"images_in_flight_at_kill": started})
+    held = fetching.get(victim.pgid, 0)
+    return Injection(plan, fault_at, f"SIGKILL to {victim.name}'s process group, a new worker started",
+                     {"images_in_flight_at_kill": started, "downloads_in_killed_worker": held},
+                     exercised=held > 0)
 
 
 def redis_restart(suite: Suite, d: Deployment, opts: Options) -> Injection:

@@ -14,10 +14,12 @@ Built on tests/support/http.py's ``LocalImageServer``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
 import threading
+from collections import Counter
 from typing import Any
 
 from tests.support.http import LocalImageServer
@@ -65,6 +67,7 @@ class ImageHost:
         self._pgids: set[int] = set()
         self._bases: list[Any] = []  # PIL images, made on first use
         self._count = 0
+        self._waiting: set[int] = set()  # client ports of image requests not answered yet
         #: pids killed by crashing routes, and crashing requests from processes we did not start
         self.crash_kills: list[int] = []
         self.crash_misses = 0
@@ -91,6 +94,19 @@ class ImageHost:
     def total_hits(self) -> int:
         return len(self.server.requests)
 
+    def fetching(self) -> Counter[int]:
+        """Image requests waiting for their answer right now, by the process group (one that
+        ``allow_kill`` registered) of the process that sent them."""
+        with self._lock:
+            ports, pgids = set(self._waiting), set(self._pgids)
+        groups: Counter[int] = Counter()
+        for port in ports:
+            pid = _client_pid(port, self.server.port, pgids)
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    groups[os.getpgid(pid)] += 1
+        return groups
+
     # --- routes ----------------------------------------------------------------------------
     def _jpeg(self) -> bytes:
         with self._lock:
@@ -106,8 +122,15 @@ class ImageHost:
         body, wait = self._jpeg(), self.latency if latency is None else latency
 
         def handler(h: Any) -> None:  # h: tests.support.http's request handler
-            if wait and self._stop.wait(wait):
-                return
+            port = h.client_address[1]
+            with self._lock:
+                self._waiting.add(port)
+            try:
+                if wait and self._stop.wait(wait):
+                    return
+            finally:
+                with self._lock:
+                    self._waiting.discard(port)
             h.send_bytes(200, body, "image/jpeg")
 
         path = f"/img/{name}.jpg"

@@ -47,7 +47,8 @@ def notes(r: dict[str, Any]) -> str:
     parts = [f"{r['scenario']}: {r.get('fault', '')}"]
     if "error" in r:
         parts.append(f"harness error: {r['error']}")
-    for key in ("images_in_flight_at_kill", "images_in_flight_at_stop", "entries_pending_at_kill"):
+    for key in ("images_in_flight_at_kill", "downloads_in_killed_worker", "images_in_flight_at_stop",
+                "entries_pending_at_kill"):
         if key in r:
             parts.append(f"{key}={r[key]}")
     if r.get("fault_s") and r.get("recovery_s") is not None:
