@@ -7,6 +7,7 @@ fast instead of stalling every writer behind it.
 
 from alembic import context
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from db.models import Base
 from db.session import make_engine
@@ -33,7 +34,10 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("alembic config has no sqlalchemy.url (db.migrate.alembic_config sets it)")
+    engine = make_engine(url)
     try:
         with engine.connect() as conn:
             _run(conn)
@@ -41,7 +45,7 @@ def run_migrations_online() -> None:
         engine.dispose()
 
 
-def _run(connection) -> None:  # noqa: ANN001
+def _run(connection: Connection) -> None:
     is_pg = connection.dialect.name == "postgresql"
     if is_pg:
         connection.execute(text("SET lock_timeout = '10s'"))

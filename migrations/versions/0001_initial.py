@@ -1,7 +1,7 @@
 """Initial schema: listings, images, results, flags, reviews, models, idempotency.
 
 Revision ID: 0001_initial
-Revises: 
+Revises:
 Create Date: 2026-11-29 18:37:28.561343
 
 Compatibility rule: workers of the previous release keep running while this migrates.

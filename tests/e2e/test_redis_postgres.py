@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import psycopg2
@@ -36,20 +37,25 @@ def event(listing: str, images: list[str], event_id: str | None = None, etype: s
     })
 
 
+# Its own Redis database: the broker's queues and the stream are flushed around each test,
+# which must never touch the keys of tests using the shared test database (REDIS_URL).
+E2E_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/13"
+
+
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[dict]:
-    """A fresh Postgres database, a flushed Redis database, a local image server, and the
+    """A fresh Postgres database, a flushed Redis database of its own, a local image server, and the
     environment a `catalog` process needs to use them."""
     name = create_pg_database("catalog_e2e")
     url = f"{PG_URL_BASE}/{name}"
     upgrade(url)
-    client = redis_lib.Redis.from_url(REDIS_URL)
+    client = redis_lib.Redis.from_url(E2E_REDIS_URL)
     client.flushdb()
     photos = tmp_path / "photos"
     photos.mkdir()
     server = LocalImageServer(photos).start()
     env = catalog_env(
-        database_url=url, broker_url=REDIS_URL, data_dir=str(tmp_path / "data"),
+        database_url=url, broker_url=E2E_REDIS_URL, data_dir=str(tmp_path / "data"),
         fetch_allow_hosts=server.allow_entry, fetch_allow_dirs=str(photos), events_stream="e2e:events",
         dead_letter_stream="e2e:dead", visibility_timeout="10", fetch_retries="0",
         ingest_claim_idle_ms="2000", restore_sweep_seconds="2", steps="metadata",
@@ -75,6 +81,10 @@ def sql(dsn: str, query: str, *params: object) -> list[tuple]:
             return cur.fetchall()
     finally:
         conn.close()
+
+
+def _is_done(dsn: str, external_id: str) -> bool:
+    return listing_status(dsn, external_id) == "done"
 
 
 def listing_status(dsn: str, external_id: str) -> str | None:
@@ -111,7 +121,7 @@ def test_events_flow_to_postgres_with_duplicates_and_bad_input(deployment: dict)
 
     procs = [start(d, "worker", "worker", "--concurrency", "2"), start(d, "ingest", "ingest")]
     for ext in ("L-good", "L-bad", "L-after"):
-        wait_for(lambda ext=ext: listing_status(dsn, ext) == "done", 120, f"{ext} done", procs)
+        wait_for(partial(_is_done, dsn, ext), 120, f"{ext} done", procs)
 
     assert sql(dsn, "SELECT count(*) FROM listings WHERE external_id = 'L-good'") == [(1,)]
     assert sql(dsn, "SELECT count(*) FROM processed_events WHERE event_id = 'evt-dup'") == [(1,)]

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 CATALOG = [sys.executable, "-m", "worker.cli"]
@@ -51,7 +51,7 @@ def run_catalog(args: list[str], env: dict[str, str], timeout: float = 120) -> s
     return subprocess.run([*CATALOG, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, procs: list[Proc] = ()) -> object:
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, procs: Sequence[Proc] = ()) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

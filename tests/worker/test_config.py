@@ -7,7 +7,7 @@ import pytest
 from worker.config import ConfigError, get_settings, load_settings, parse_allow_entry
 
 
-def test_defaults_are_the_embedded_mode(tmp_path) -> None:  # noqa: ANN001
+def test_defaults_are_the_embedded_mode(tmp_path) -> None:
     s = load_settings(data_dir=tmp_path)
     assert s.effective_database_url == f"sqlite:///{(tmp_path / 'catalog.db').resolve()}"
     assert s.embedded_broker and s.effective_broker_url == "filesystem://"

@@ -24,7 +24,7 @@ def estimate_quality(raw: bytes) -> int | None:
     """
     try:
         img = Image.open(io.BytesIO(raw))
-    except Exception:
+    except (OSError, SyntaxError, ValueError):  # what Pillow raises for bytes it cannot identify
         return None
     tables = getattr(img, "quantization", None)
     if img.format != "JPEG" or not tables or 0 not in tables:

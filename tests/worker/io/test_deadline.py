@@ -119,7 +119,8 @@ def test_deadline_watchdog_stops_and_call_within() -> None:
     with Deadline(5.0) as deadline:
         assert deadline.call_within(lambda a, b: a + b, 2, 3) == 5
         with pytest.raises(KeyError):
-            deadline.call_within(lambda: {}["missing"])
+            empty: dict[str, int] = {}
+            deadline.call_within(lambda: empty["missing"])
         assert not deadline.fired
     with Deadline(0.05) as short:
         with pytest.raises(DeadlinePassed):

@@ -442,7 +442,7 @@ def test_stall_release_lets_download_finish(tmp_path: Path, server: LocalImageSe
     assert stall.arrived.wait(5)
     stall.release()
     thread.join(5)
-    assert result["image"].raw == body  # type: ignore[union-attr]
+    assert getattr(result["image"], "raw", None) == body
 
 
 def test_total_deadline_against_slow_drip(tmp_path: Path, server: LocalImageServer) -> None:
@@ -521,7 +521,7 @@ def test_https_to_vetted_ip_with_sni_and_certificate_check(
         settings = make_settings(tmp_path, fetch_allow_hosts=[tls.allow_entry])
         data = fetch_bytes(f"https://images.test:{tls.port}/photo.jpg", settings)
         assert data == (files / "photo.jpg").read_bytes()
-        assert context.seen_sni == ["images.test"]  # SNI names the host, not the IP
+        assert getattr(context, "seen_sni", None) == ["images.test"]  # SNI names the host, not the IP
         assert tls.requests[-1][1]["Host"] == f"images.test:{tls.port}"
         # the certificate is checked against the URL's host name
         err = expect("unreachable", fetch_bytes, f"https://other.test:{tls.port}/photo.jpg", settings)
