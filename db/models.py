@@ -7,12 +7,13 @@ both SQLite and Postgres.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -40,11 +41,14 @@ NAMING = {
 
 LISTING_STATUSES = ("pending", "processing", "done", "deleted")
 IMAGE_STATUSES = ("pending", "done", "failed")
+#: ``listings.fraud_decision``: ``incomplete`` when the flags found call for nothing but some
+#: image was not fully analysed (failed, or a step failed or was unavailable): never ``ok`` then.
+FRAUD_DECISIONS = ("ok", "review", "hold", "incomplete")
 FLAG_STATUSES = ("open", "claimed", "confirmed", "dismissed")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -74,7 +78,7 @@ class Listing(Base):
     # Combined fraud signals of all images (worker/fraud/score.py), set when the listing is done
     # and again when a reviewer resolves one of its flags.
     fraud_score: Mapped[float | None] = mapped_column(Float)
-    fraud_decision: Mapped[str | None] = mapped_column(String(16))  # ok | review | hold
+    fraud_decision: Mapped[str | None] = mapped_column(String(16))  # ok | review | hold | incomplete
 
     images: Mapped[list[Image]] = relationship(
         back_populates="listing", order_by="Image.position", cascade="all, delete-orphan"
@@ -86,6 +90,7 @@ class Image(Base):
     __table_args__ = (
         CheckConstraint(_in("status", IMAGE_STATUSES), name="status"),
         Index("ix_images_status_updated_at", "status", "updated_at"),
+        Index("ix_images_status_lease_expires_at", "status", "lease_expires_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -102,10 +107,18 @@ class Image(Base):
     dhash: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     error: Mapped[str | None] = mapped_column(Text)
+    # Analysis runs started for the current version of the image (reset when an event changes it).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     processed_at: Mapped[datetime | None]
+    # True when every configured step ran ok; False when the image failed or a step failed, was
+    # unavailable or was skipped (status is still "done" then); NULL while pending.
+    complete: Mapped[bool | None] = mapped_column(Boolean)
+    # The run analysing the image right now (worker/pipeline/lease.py): its token and until when
+    # the lease holds unless renewed. An expired lease means the run died; NULL when nobody runs it.
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None]
 
     listing: Mapped[Listing] = relationship(back_populates="images")
 
