@@ -7,6 +7,7 @@ import logging
 from tasks.base import DatabaseTask
 from worker.celery_app import ANALYZE_IMAGE_TASK, app
 from worker.pipeline.analyze import analyze_image as analyze
+from worker.pipeline.lease import Holder
 
 log = logging.getLogger(__name__)
 
@@ -15,16 +16,14 @@ log = logging.getLogger(__name__)
 def analyze_image(self: DatabaseTask, image_id: int) -> str:
     settings = self.settings
     fetch_retries = self.work_retries  # retries during a database outage do not count here
+    # The message's id and retry count: a redelivery of this message may take its lease over.
+    holder = Holder(str(self.request.id or f"eager-{image_id}"), self.request.retries)
     with self.open_session() as session:
-        outcome = analyze(
-            session, image_id, settings,
-            max_attempts=settings.max_attempts,
-            retry_transient=fetch_retries < settings.fetch_retries,
-        )
+        outcome = analyze(session, image_id, settings, max_attempts=settings.max_attempts,
+                          retry_transient=fetch_retries < settings.fetch_retries, holder=holder)
     if outcome.status == "retry":
         countdown = settings.fetch_retry_delay * (2 ** fetch_retries)
         log.info("image %s: %s; retrying in %ss", image_id, outcome.detail, countdown)
-        # The attempt counter was bumped; a retry is a new attempt, which is what we want.
         # The fetch budget was checked above (retry_transient), so Celery's count must not stop it.
         raise self.retry(countdown=countdown, max_retries=self.request.retries + 1)
     log.info("image %s: %s %s", image_id, outcome.status, outcome.detail)

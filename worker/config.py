@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     ingest_claim_idle_ms: int = Field(
         60_000, ge=1000, description="Pending entries idle this long (a dead consumer) are claimed again."
     )
+    ingest_dead_consumer_idle_ms: int = Field(
+        600_000, ge=1000,
+        description="A consumer with nothing pending and idle this long belongs to a dead catalog ingest "
+        "and is removed from the group.",
+    )
     visibility_timeout: int = Field(
         7200,
         ge=10,
@@ -86,7 +91,19 @@ class Settings(BaseSettings):
     fetch_retries: int = Field(2, ge=0, description="Retries of an image whose host timed out or was unreachable.")
     fetch_retry_delay: int = Field(10, ge=0, description="Seconds before the first such retry (doubles each time).")
     stale_after: int = Field(
-        900, ge=10, description="Images pending longer than this are re-queued by the reconcile beat task."
+        900, ge=10,
+        description="Images pending this long that no run holds (their message was lost) are re-queued "
+        "by the sweep.",
+    )
+    lease_seconds: int = Field(
+        120, ge=10,
+        description="How long the run analysing an image holds it without renewing (it renews every "
+        "quarter of this). An image whose lease ran out (its worker died or hangs) is re-queued by the "
+        "sweep every worker runs.",
+    )
+    lease_sweep_seconds: int = Field(
+        30, ge=1,
+        description="How often every `catalog worker` looks for images whose lease ran out, seconds.",
     )
     db_retry_for: int = Field(
         900, ge=0,

@@ -1,27 +1,39 @@
 """Analyse one image: read -> compute -> write.
 
-1. **Claim** (one short transaction): count the attempt, read what the work needs (URL,
+1. **Claim** (one short transaction): lock the listing, then the image; take the image's
+   lease (``worker.pipeline.lease``) and count the attempt; read what the work needs (URL,
    listing, seller, category, what is stored from a previous run) into a plain
-   :class:`Claim`; commit.
+   :class:`Claim`; commit. An image whose lease a live run of another message holds is
+   skipped without counting anything: a duplicate message never restarts work in flight.
 2. **Compute** (no transaction, no session in reach): fetch and decode the image, run the
-   configured steps. Inference takes seconds per image on CPU; holding a transaction open
-   meanwhile would leave idle-in-transaction connections, hold locks and drain the pool.
-3. **Store** (one short transaction): lock the listing row, check that the image is still the
-   one that was fetched (same URL, still pending, listing not deleted), replace its results
-   (the step writers run here, e.g. the locked duplicate search), finish the image and, when it
-   was the last one, the listing.
+   configured steps, while a heartbeat thread renews the lease. Inference takes seconds per
+   image on CPU; holding a transaction open meanwhile would leave idle-in-transaction
+   connections, hold locks and drain the pool.
+3. **Store** (one short transaction): lock the listing row, then the image; check that the
+   image is still the one that was fetched (same URL, still pending, listing not deleted) and
+   still carries this run's lease; replace its results (the step writers run here, e.g. the
+   locked duplicate search), finish the image (``complete`` when every step ran ok) and, when
+   it was the last one, the listing.
 
-Idempotency rules live in ``worker.pipeline.store`` (results replaced as a whole, listing
-completion decided under the listing lock) and ``worker.pipeline.events``.
+**Attempts.** ``images.attempts`` counts the runs that really started (claims). An image is
+given up (``gave_up``) only when a run finds that the previous one died -- its lease was left
+behind -- and ``CATALOG_MAX_ATTEMPTS`` runs have started: an image that kills its worker every
+time ends, while runs that ended normally (a fetch retried later, a database error retried by
+the task) are never mistaken for deaths.
+
+A database error anywhere (unreachable, connection lost, deadlock, lock timeout, an insert
+race) propagates to the task, which retries; it is logged as that, never as a failed step or
+an internal error. Idempotency rules live in ``worker.pipeline.store`` and
+``worker.pipeline.events``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db import models as m
@@ -29,8 +41,17 @@ from worker.config import Settings
 from worker.io.errors import ImageLoadError
 from worker.io.load import LoadedImage, load_image
 from worker.pipeline.contract import ImageContext, StepRun
+from worker.pipeline.lease import Heartbeat, Holder, check_lease, db_now, engine_of, release
 from worker.pipeline.registry import get_step, run_steps, safe_version
-from worker.pipeline.store import clear_results, finish_image, lock_listing, store_runs
+from worker.pipeline.store import (
+    LISTING_DELETED,
+    clear_results,
+    finish_image,
+    is_retryable_db_error,
+    lock_image,
+    lock_listing,
+    store_runs,
+)
 from worker.pipeline.writers import WriteContext, apply_writers
 
 log = logging.getLogger(__name__)
@@ -54,122 +75,215 @@ class Claim:
     listing_id: int
     seller_id: str
     category: str | None
-    previous_sha256: str | None  # of the last successful analysis, if any
-    previous_runs: frozenset[tuple[str, str]]  # (step, model version) stored by that analysis
+    previous_sha256: str | None  # of the last complete analysis, if any
+    previous_runs: frozenset[tuple[str, str]]  # (step, model version) that analysis ran ok
+    token: str  # this run's lease (images.lease_owner)
 
 
-def begin_attempt(session: Session, image_id: int, max_attempts: int, settings: Settings) -> m.Image | None:
-    """Count an attempt before the work starts, so an image that kills its worker every
-    time is failed after ``max_attempts`` instead of looping forever. Returns None when
-    there is nothing to do (already finished, deleted, or the listing is deleted)."""
-    image = session.get(m.Image, image_id)
-    if image is None or image.status != "pending":
-        return None
-    if image.listing.status == "deleted":
-        return None
-    if image.attempts >= max_attempts:
-        lock_listing(session, image.listing_id)  # listing before image, as everywhere else
-        finish_image(session, image, status="failed",
-                     error=f"gave_up: gave up after {image.attempts} attempts: the worker died or timed out "
-                           "while processing this image", settings=settings)
-        return None
-    image.attempts += 1
-    return image
-
-
-def claim_image(session: Session, image_id: int, max_attempts: int, settings: Settings) -> Claim | None:
-    """Phase 1, in its own transaction: count the attempt and read what the work needs."""
+def claim_image(session: Session, image_id: int, settings: Settings, holder: Holder,
+                max_attempts: int) -> Claim | ImageOutcome:
+    """Phase 1, in its own transaction: take the lease, count the attempt, read what the work
+    needs. Returns a ``skipped`` outcome when there is nothing to do (already finished, listing
+    deleted, given up, or a live run of another message holds the image)."""
     with session.begin():
-        image = begin_attempt(session, image_id, max_attempts, settings)
-        if image is None:
-            return None
+        listing_id = session.execute(select(m.Image.listing_id).where(m.Image.id == image_id)).scalar()
+        if listing_id is None:
+            return ImageOutcome(image_id, "skipped", "no such image (removed from its listing)")
+        listing = lock_listing(session, listing_id)  # listing first, then the image
+        image = lock_image(session, image_id)
+        if image is None or image.status != "pending":
+            return ImageOutcome(image_id, "skipped", "not pending")
+        if listing.status == "deleted":  # a row left pending by an older release
+            finish_image(session, image, status="failed", error=LISTING_DELETED, settings=settings)
+            return ImageOutcome(image_id, "skipped", "listing deleted")
+        now = db_now(session)
+        lease = check_lease(image.lease_owner, image.lease_expires_at, now, holder)
+        if lease.busy:
+            return ImageOutcome(image_id, "skipped", "in flight: another run holds its lease")
+        if lease.died and image.attempts >= max_attempts:
+            reason = (f"gave_up: {image.attempts} attempts started and the last one did not finish: "
+                      "the worker died or timed out while processing this image")
+            finish_image(session, image, status="failed", error=reason, settings=settings)
+            return ImageOutcome(image_id, "failed", reason)
+        if lease.died:
+            log.warning("image %s: its previous run did not finish (worker died or timed out); "
+                        "attempt %d of %d", image_id, image.attempts + 1, max_attempts)
+        image.attempts += 1
+        token = holder.new_token()
+        image.lease_owner = token
+        image.lease_expires_at = now + timedelta(seconds=settings.lease_seconds)
         previously_done = image.processed_at is not None and image.error is None
         previous_runs: frozenset[tuple[str, str]] = frozenset()
-        if previously_done:
+        if previously_done:  # only steps that ran ok: a failed one is never "kept"
             previous_runs = frozenset((step, version) for step, version in session.execute(
                 select(m.StepRunRecord.step, m.StepRunRecord.model_version)
-                .where(m.StepRunRecord.image_id == image_id)
+                .where(m.StepRunRecord.image_id == image_id, m.StepRunRecord.status == "ok")
             ))
-        return Claim(image_id=image_id, url=image.url, listing_id=image.listing_id,
-                     seller_id=image.listing.seller_id, category=image.listing.category,
+        return Claim(image_id=image_id, url=image.url, listing_id=listing.id,
+                     seller_id=listing.seller_id, category=listing.category,
                      previous_sha256=image.sha256 if previously_done else None,
-                     previous_runs=previous_runs)
+                     previous_runs=previous_runs, token=token)
 
 
-def analyze_image(session: Session, image_id: int, settings: Settings, *,
-                  max_attempts: int = 3, retry_transient: bool = False) -> ImageOutcome:
+def analyze_image(session: Session, image_id: int, settings: Settings, *, max_attempts: int = 3,
+                  retry_transient: bool = False, holder: Holder | None = None) -> ImageOutcome:
     """Fetch, analyse and store one image (read -> compute -> write, see the module doc).
 
-    ``session`` must not be in a transaction; each phase opens and commits its own.
+    ``session`` must not be in a transaction; each phase opens and commits its own. ``holder``
+    names the message this run belongs to (the task id and retry count); by default a one-off
+    run that never takes over another's lease.
     """
-    claim = claim_image(session, image_id, max_attempts, settings)
-    if claim is None:
-        return ImageOutcome(image_id, "skipped", "not pending")
+    claim = claim_image(session, image_id, settings, holder or Holder.one_off(), max_attempts)
+    if isinstance(claim, ImageOutcome):
+        return claim
+    try:
+        return _work(session, claim, settings, retry_transient)
+    except Exception as exc:
+        if not is_retryable_db_error(exc):
+            raise
+        # Not a broken image or step: the task runs the whole analysis again.
+        log.warning("image %s: database error (%s: %s); its analysis will be retried",
+                    image_id, type(exc).__name__, (str(exc).splitlines() or [""])[0])
+        _release_quietly(session, claim)
+        raise
 
+
+@dataclass
+class _Computed:
+    """What phase 2 produced: results to store, or a reason to fail, or a retry."""
+
+    loaded: LoadedImage | None = None
+    runs: list[StepRun] | None = None  # None with ``loaded``: keep the previous results
+    failure: str | None = None
+    retry: str | None = None
+
+
+def _work(session: Session, claim: Claim, settings: Settings, retry_transient: bool) -> ImageOutcome:
+    with Heartbeat(engine_of(session), claim.image_id, claim.token, settings.lease_seconds):
+        computed = _compute(claim, settings, retry_transient)
+    # The heartbeat stops before the write: the lease still has at least three quarters of
+    # CATALOG_LEASE_SECONDS to run, and the write checks it under the row lock anyway.
+    if computed.retry is not None:
+        _release(session, claim)  # the retry is a new run, not a death
+        return ImageOutcome(claim.image_id, "retry", computed.retry)
+    if computed.failure is not None or computed.loaded is None:
+        reason = computed.failure or "internal_error: nothing was loaded"
+        return _fail(session, claim, reason, settings) or ImageOutcome(
+            claim.image_id, "skipped", "changed while processing")
+    try:
+        if computed.runs is None:
+            return _keep_previous(session, claim, settings)
+        return _store(session, claim, computed.loaded, computed.runs, settings)
+    except Exception as exc:
+        if is_retryable_db_error(exc):
+            raise  # transient database trouble: the task retries, the image stays pending
+        # A bug must fail this image with a reason, not loop forever.
+        log.exception("image %s: internal error while storing results", claim.image_id)
+        return _fail(session, claim, _internal_error(exc), settings) or ImageOutcome(
+            claim.image_id, "skipped", "changed while processing")
+
+
+def _compute(claim: Claim, settings: Settings, retry_transient: bool) -> _Computed:
+    """Phase 2: no transaction, no session."""
     try:
         loaded = load_image(claim.url, settings)
     except ImageLoadError as exc:
         if retry_transient and exc.transient:
-            return ImageOutcome(image_id, "retry", str(exc))
-        return _fail(session, claim, f"{exc.code}: {exc}", settings) or ImageOutcome(
-            image_id, "skipped", "changed while fetching")
-
+            return _Computed(retry=str(exc))
+        return _Computed(failure=f"{exc.code}: {exc}")
     try:
         if claim.previous_sha256 == loaded.sha256 and claim.previous_runs == _wanted_runs(settings):
-            return _keep_previous(session, claim, settings)
+            return _Computed(loaded=loaded)
         ctx = ImageContext(
-            image_id=image_id, listing_id=claim.listing_id, seller_id=claim.seller_id,
+            image_id=claim.image_id, listing_id=claim.listing_id, seller_id=claim.seller_id,
             category=claim.category, url=claim.url, image=loaded.image, raw=loaded.raw,
             source_format=loaded.format, sha256=loaded.sha256, settings=settings,
         )
-        runs = run_steps(ctx, settings.steps)
-        return _store(session, claim, loaded, runs, settings)
-    except (OperationalError, IntegrityError):
-        raise  # transient database trouble: the task retries, the image stays pending
+        return _Computed(loaded=loaded, runs=run_steps(ctx, settings.steps))
     except Exception as exc:  # a bug must fail this image with a reason, not loop forever
-        log.exception("image %s: internal error while analysing or storing results", image_id)
-        reason = f"internal_error: {type(exc).__name__}: {exc}"[:2000]
-        return _fail(session, claim, reason, settings) or ImageOutcome(
-            image_id, "skipped", "changed while processing")
+        log.exception("image %s: internal error while analysing", claim.image_id)
+        return _Computed(failure=_internal_error(exc))
+
+
+def _internal_error(exc: Exception) -> str:
+    return f"internal_error: {type(exc).__name__}: {exc}"[:2000]
+
+
+def _held_image(session: Session, claim: Claim) -> tuple[m.Listing, m.Image] | str:
+    """In a store transaction: lock the listing, then the image; the image if it is still the
+    one this run claimed (same URL, pending, listing not deleted, still this run's lease), else
+    why not."""
+    listing = lock_listing(session, claim.listing_id)
+    image = lock_image(session, claim.image_id)
+    if image is None or image.url != claim.url or image.status != "pending" or listing.status == "deleted":
+        return "changed while processing"
+    if image.lease_owner != claim.token:
+        log.warning("image %s: another run took its lease over while this one worked (it was "
+                    "declared dead); this run's results are dropped", claim.image_id)
+        return "lease taken over by another run"
+    return listing, image
 
 
 def _store(session: Session, claim: Claim, loaded: LoadedImage, runs: list[StepRun],
            settings: Settings) -> ImageOutcome:
     """Phase 3: one short transaction that stores everything and finishes the image."""
     with session.begin():
-        listing = lock_listing(session, claim.listing_id)
-        image = session.get(m.Image, claim.image_id, populate_existing=True)
-        if image is None or image.url != claim.url or image.status != "pending" or listing.status == "deleted":
-            return ImageOutcome(claim.image_id, "skipped", "changed while processing")
+        held = _held_image(session, claim)
+        if isinstance(held, str):
+            return ImageOutcome(claim.image_id, "skipped", held)
+        listing, image = held
         clear_results(session, claim.image_id)
         wctx = WriteContext(session=session, image_id=image.id, listing_id=listing.id,
                             seller_id=listing.seller_id, settings=settings)
         runs = apply_writers(wctx, runs)
         store_runs(session, image, runs)
-        finish_image(session, image, status="done", error=None, loaded=loaded, settings=settings)
-    return ImageOutcome(claim.image_id, "done", steps=runs)
+        complete = all(run.status == "ok" for run in runs) and {run.step for run in runs} >= set(settings.steps)
+        finish_image(session, image, status="done", error=None, loaded=loaded, settings=settings,
+                     complete=complete)
+    detail = "" if complete else "incomplete: " + ", ".join(
+        f"{run.step} {run.status}" for run in runs if run.status != "ok")
+    return ImageOutcome(claim.image_id, "done", detail, steps=runs)
 
 
 def _keep_previous(session: Session, claim: Claim, settings: Settings) -> ImageOutcome:
-    """Same bytes, same steps and model versions as the stored results: keep them."""
+    """Same bytes, and every configured step ran ok with the same model version on them: keep
+    the stored results (complete by construction: only steps that ran ok are compared)."""
     with session.begin():
-        lock_listing(session, claim.listing_id)
-        image = session.get(m.Image, claim.image_id, populate_existing=True)
-        if image is not None and image.url == claim.url and image.status == "pending":
-            finish_image(session, image, status="done", error=None, settings=settings)
+        held = _held_image(session, claim)
+        if isinstance(held, str):
+            return ImageOutcome(claim.image_id, "skipped", held)
+        finish_image(session, held[1], status="done", error=None, settings=settings, complete=True)
     return ImageOutcome(claim.image_id, "done", "unchanged bytes: previous results kept")
 
 
 def _fail(session: Session, claim: Claim, reason: str, settings: Settings) -> ImageOutcome | None:
     """Fail the image with ``reason`` unless it changed meanwhile (then None)."""
     with session.begin():
-        lock_listing(session, claim.listing_id)
-        image = session.get(m.Image, claim.image_id, populate_existing=True)
-        if image is None or image.url != claim.url or image.status != "pending":
+        held = _held_image(session, claim)
+        if isinstance(held, str):
             return None
         clear_results(session, claim.image_id)
-        finish_image(session, image, status="failed", error=reason, settings=settings)
+        finish_image(session, held[1], status="failed", error=reason, settings=settings)
     return ImageOutcome(claim.image_id, "failed", reason)
+
+
+def _release(session: Session, claim: Claim) -> None:
+    """Give the lease up (listing locked first, like every writer of image rows)."""
+    with session.begin():
+        lock_listing(session, claim.listing_id)
+        release(session, claim.image_id, claim.token)
+
+
+def _release_quietly(session: Session, claim: Claim) -> None:
+    """After a database error: give the lease up if the database lets us. If not, nothing is
+    lost: the task's retry (the same message) takes its own lease over, and otherwise the
+    lease runs out and the sweep re-queues the image."""
+    try:
+        session.rollback()
+        _release(session, claim)
+    except Exception as exc:  # noqa: BLE001 - the database is the problem; the retry handles it
+        log.info("image %s: lease not released (%s); the retry takes it over", claim.image_id,
+                 type(exc).__name__)
 
 
 def _wanted_runs(settings: Settings) -> frozenset[tuple[str, str]]:

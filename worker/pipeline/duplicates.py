@@ -12,12 +12,20 @@ transaction open. :class:`DuplicatesWriter` runs in the transaction that stores 
 Because the lock is taken before the search and released only when the band rows are
 committed, two copies of one photo analysed at the same moment by two workers run one after
 the other, and the second one's search sees the first one's rows.
+
+**Who uploaded first.** A copy is only theft if someone else had the photo first. Every copy
+that matches (the image itself included, with its ``created_at``) is ordered by when it was
+first seen (``images.created_at``, then id); when the earliest belongs to the uploader, the
+uploader is the photo's owner re-using it and is not flagged, however many later copies other
+sellers made. Every ``duplicate_image`` flag names the first upload in
+``evidence["first_upload"]`` (seller, listing, image, time) and in its summary.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import Integer, any_, bindparam, delete, func, insert, select, text, union_all
@@ -37,7 +45,7 @@ from worker.fraud.duplicates import (
 )
 from worker.fraud.fingerprint import HashValue
 from worker.io.hashing import to_signed64, to_unsigned64
-from worker.pipeline.contract import StepResult
+from worker.pipeline.contract import Flag, StepResult
 from worker.pipeline.writers import WriteContext
 
 LOCK_CLASS = 0x64757073  # "dups": advisory-lock namespace of the duplicate search
@@ -196,5 +204,58 @@ class DuplicatesWriter:
                                      limit=settings.duplicate_max_candidates)
         flags, summary = assess(query, candidates, listing_id=wctx.listing_id,
                                 seller_id=wctx.seller_id, settings=settings)
+        if flags:
+            flags, summary = _first_upload(session, wctx, query, candidates, flags, summary)
         DuplicateIndex.store(session, wctx.image_id, query.stored)
         return replace(result, flags=[*result.flags, *flags], data={**result.data, **summary})
+
+
+def _first_upload(session: Session, wctx: WriteContext, query: DuplicateQuery, candidates: list[Candidate],
+                  flags: list[Flag], summary: dict[str, Any]) -> tuple[list[Flag], dict[str, Any]]:
+    """Drop the flag when the uploader owns the earliest copy; otherwise name the first upload
+    in the flag's evidence (see the module doc)."""
+    own_image = session.get_one(m.Image, wctx.image_id)
+    own_listing = session.get_one(m.Listing, wctx.listing_id)
+    copies = [_Upload(own_image.id, own_listing.id, own_listing.external_id, wctx.seller_id, own_image.created_at)]
+    copies += [_Upload(c.image_id, c.listing_id, c.listing_external_id, c.seller_id, c.first_seen)
+               for c in candidates if c.listing_id != wctx.listing_id and _is_copy(query, c, wctx)]
+    first = min(copies, key=_Upload.order)
+    summary = {**summary, "first_upload": first.evidence(),
+               "first_upload_by_this_seller": first.seller_id == wctx.seller_id}
+    if first.seller_id == wctx.seller_id:
+        return [], summary
+    out = []
+    for flag in flags:
+        evidence = dict(flag.evidence)
+        evidence["first_upload"] = first.evidence()
+        evidence["summary"] = (f"{evidence.get('summary', '')} The photo was first uploaded by seller "
+                               f"{first.seller_id} (listing {first.listing_external_id}, "
+                               f"{first.evidence()['first_seen'] or 'time unknown'}).").strip()
+        out.append(replace(flag, evidence=evidence))
+    return out, summary
+
+
+def _is_copy(query: DuplicateQuery, candidate: Candidate, wctx: WriteContext) -> bool:
+    """Whether :func:`assess` accepts ``candidate`` as a copy of the query, whoever owns it:
+    asked as if the query came from a seller and listing that own nothing."""
+    flags, _ = assess(query, [candidate], listing_id=-1, seller_id="\x00nobody", settings=wctx.settings)
+    return bool(flags)
+
+
+class _Upload:
+    """One copy of the photo: whose, where, since when."""
+
+    def __init__(self, image_id: int, listing_id: int, listing_external_id: str, seller_id: str,
+                 first_seen: datetime | None) -> None:
+        self.image_id, self.listing_id, self.listing_external_id = image_id, listing_id, listing_external_id
+        self.seller_id = seller_id
+        self.first_seen = None if first_seen is None else (
+            first_seen if first_seen.tzinfo else first_seen.replace(tzinfo=UTC))
+
+    def order(self) -> tuple[datetime, int]:
+        return (self.first_seen or datetime.max.replace(tzinfo=UTC), self.image_id)
+
+    def evidence(self) -> dict[str, Any]:
+        return {"seller_id": self.seller_id, "listing_id": self.listing_id,
+                "listing_external_id": self.listing_external_id, "image_id": self.image_id,
+                "first_seen": self.first_seen.isoformat() if self.first_seen else None}

@@ -1,8 +1,14 @@
 """Apply listing events to the database (idempotently).
 
 * an event id is recorded in ``processed_events`` in the same transaction as its effects, so a
-  redelivered event changes nothing (it only re-announces images still pending);
-* an event older than the last applied one for its listing is recorded as ``stale`` and ignored.
+  redelivered event changes nothing: it only re-announces images still pending that no live
+  run holds (their message may have been lost between commit and enqueue); an image being
+  analysed right now is never announced again;
+* an event older than the last applied one for its listing is recorded as ``stale`` and ignored;
+* ``listing.deleted`` ends the listing's pending images: ``failed`` with ``listing_deleted: ...``
+  (a run analysing one of them then drops its results);
+* the listing row is locked before any of its images is written (the lock order of
+  ``worker.pipeline.store``).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
@@ -19,7 +25,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from db import models as m
-from worker.intake.events import ListingEvent
+from worker.intake.events import ListingEvent, printable
+from worker.pipeline.lease import db_now
+from worker.pipeline.store import LISTING_DELETED, end_pending_images
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +98,9 @@ def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
     listing.last_event_at = event.occurred_at
     if event.type == "listing.deleted":
         listing.status = "deleted"
+        ended = end_pending_images(session, listing.id, LISTING_DELETED)
+        if ended:
+            log.info("listing %s deleted: %d pending image(s) failed with listing_deleted", event.listing.id, ended)
         return EventOutcome(event.event_id, "applied", listing.id)
 
     listing.seller_id = event.listing.seller_id
@@ -122,10 +133,15 @@ def _sync_images(session: Session, listing: m.Listing, refs: list[str]) -> list[
             img = m.Image(listing=listing, url=url, position=position, status="pending")
             session.add(img)
         else:
+            # A new version of the image: analysed afresh. A run still analysing the old one
+            # loses its lease, so it cannot store results fetched before this event.
             img.position = position
             img.status = "pending"
             img.error = None
             img.attempts = 0
+            img.complete = None
+            img.lease_owner = None
+            img.lease_expires_at = None
         session.flush()
         ids.append(img.id)
     return ids
@@ -133,20 +149,27 @@ def _sync_images(session: Session, listing: m.Listing, refs: list[str]) -> list[
 
 def _redelivered(session: Session, event: ListingEvent) -> EventOutcome:
     """The event was applied before. Its images may not have been announced (the process
-    died between commit and enqueue), so report the ones still pending."""
+    died between commit and enqueue), so report the ones still pending -- except those a
+    live run holds (being analysed right now: announcing them again would only make a
+    duplicate message). Nothing is written, so nothing is locked."""
     listing = session.execute(
         select(m.Listing).where(m.Listing.external_id == event.listing.id)
     ).scalar_one_or_none()
     if listing is None:
         return EventOutcome(event.event_id, "duplicate", None)
+    now = db_now(session)
     pending = session.execute(
-        select(m.Image.id).where(m.Image.listing_id == listing.id, m.Image.status == "pending")
+        select(m.Image.id).where(
+            m.Image.listing_id == listing.id, m.Image.status == "pending",
+            or_(m.Image.lease_expires_at.is_(None), m.Image.lease_expires_at <= now),
+        ).order_by(m.Image.position, m.Image.id)
     ).scalars().all()
     return EventOutcome(event.event_id, "duplicate", listing.id, list(pending))
 
 
 def record_dead_letter(session: Session, source: str, payload: str, reason: str) -> None:
-    session.add(m.DeadLetter(source=source, payload=payload[:100_000], reason=reason))
+    # printable: a raw NUL in a `catalog submit` payload would make the Postgres insert fail.
+    session.add(m.DeadLetter(source=source, payload=printable(payload[:100_000]), reason=printable(reason)))
 
 
 def _aware(value: datetime) -> datetime:

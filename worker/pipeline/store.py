@@ -4,7 +4,17 @@
   inserted in bulk: one INSERT per table, not one per row), so re-running an image never
   duplicates rows;
 * "is the listing finished?" is decided while holding the listing row lock, so two images that
-  finish at the same moment cannot both miss (or both take) the transition.
+  finish at the same moment cannot both miss (or both take) the transition;
+* **one lock order everywhere**: a transaction that locks or writes image rows first locks
+  their listing row (``lock_listing``: ``SELECT ... FOR UPDATE``), then the images, then flags.
+  Applying an event, claiming, storing, failing, giving up, the sweeps and a reviewer's verdict
+  all follow it, so two of them can wait for each other but never deadlock. The one exception is
+  the lease heartbeat (``worker.pipeline.lease.renew``): a single-row statement that holds no
+  other lock and so cannot close a cycle;
+* an image is finished as ``done`` (with ``complete`` saying whether every step ran ok) or
+  ``failed`` (``complete`` false); finishing clears its lease;
+* a listing's ``fraud_decision`` is ``incomplete`` instead of ``ok`` while any of its images is
+  not fully analysed: an unanalysed photo is never vouched for.
 """
 
 from __future__ import annotations
@@ -12,7 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from db import models as m
@@ -25,11 +36,48 @@ from worker.pipeline.contract import StepRun
 # Tables holding one image's results, replaced as a whole when the image is analysed again.
 RESULT_TABLES = (m.Tag, m.Detection, m.StepRunRecord, m.ArtifactRecord, m.Embedding)
 
+#: ``images.error`` of an image whose listing was deleted before it was analysed.
+LISTING_DELETED = "listing_deleted: the listing was deleted before this image was analysed"
+
+#: Database errors after which the unit of work is run again (the task retries): the database
+#: is unreachable or restarting, the connection dropped, a deadlock or lock timeout rolled the
+#: transaction back, or two workers raced to insert one row. Never a reason to fail an image or
+#: to call a step broken.
+RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, IntegrityError)
+
+
+def is_retryable_db_error(exc: BaseException) -> bool:
+    return isinstance(exc, RETRYABLE_DB_ERRORS) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
 
 def lock_listing(session: Session, listing_id: int) -> m.Listing:
+    """Lock the listing row: the first lock of every transaction that touches its images."""
     return session.execute(
         select(m.Listing).where(m.Listing.id == listing_id).with_for_update()
     ).scalar_one()
+
+
+def lock_image(session: Session, image_id: int) -> m.Image | None:
+    """Lock an image row (after its listing's) and read it afresh."""
+    return session.execute(
+        select(m.Image).where(m.Image.id == image_id).with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
+def end_pending_images(session: Session, listing_id: int, error: str) -> int:
+    """Fail every pending image of a listing with ``error`` (the listing is locked); their
+    queued messages then find nothing to do and running analyses drop their results."""
+    ended = session.execute(
+        select(m.Image.id).where(m.Image.listing_id == listing_id, m.Image.status == "pending")
+    ).scalars().all()
+    if ended:
+        session.execute(
+            update(m.Image).where(m.Image.id.in_(ended))
+            .values(status="failed", error=error, complete=False, processed_at=m.utcnow(),
+                    lease_owner=None, lease_expires_at=None)
+        )
+    return len(ended)
 
 
 def clear_results(session: Session, image_id: int) -> None:
@@ -81,9 +129,14 @@ def store_runs(session: Session, image: m.Image, runs: list[StepRun]) -> None:
 
 
 def finish_image(session: Session, image: m.Image, *, status: str, error: str | None,
-                 settings: Settings, loaded: LoadedImage | None = None) -> None:
+                 settings: Settings, loaded: LoadedImage | None = None, complete: bool = False) -> None:
+    """Finish the image (``done`` or ``failed``), release its lease and finish the listing if
+    this was its last pending image. ``complete``: every configured step ran ok."""
     image.status = status
     image.error = error
+    image.complete = complete and status == "done"
+    image.lease_owner = None
+    image.lease_expires_at = None
     image.processed_at = m.utcnow()
     if loaded is not None:
         image.sha256 = loaded.sha256
@@ -119,6 +172,23 @@ def listing_fraud_score(session: Session, listing_id: int, settings: Settings) -
 
 
 def update_fraud_score(session: Session, listing: m.Listing, settings: Settings) -> None:
-    """Store the listing's current fraud score and decision."""
+    """Store the listing's current fraud score and decision (the listing is locked).
+
+    The score combines the flags found. The decision is the score's (``ok``/``review``/``hold``),
+    except that ``ok`` becomes ``incomplete`` while some image is not fully analysed (failed,
+    pending, or done with a step that failed, was unavailable or was skipped): what nobody
+    looked at is never vouched for. A ``review`` or ``hold`` stands either way."""
     result = listing_fraud_score(session, listing.id, settings)
-    listing.fraud_score, listing.fraud_decision = result.score, result.decision
+    decision = result.decision
+    if decision == "ok" and unanalysed_images(session, listing.id):
+        decision = "incomplete"
+    listing.fraud_score, listing.fraud_decision = result.score, decision
+
+
+def unanalysed_images(session: Session, listing_id: int) -> int:
+    """Images of the listing not fully analysed. ``complete`` NULL on a done image (stored by a
+    release before the column existed) counts as analysed: nothing says otherwise."""
+    fully = (m.Image.status == "done") & or_(m.Image.complete.is_(None), m.Image.complete.is_(True))
+    return int(session.execute(
+        select(func.count()).select_from(m.Image).where(m.Image.listing_id == listing_id, ~fully)
+    ).scalar_one())

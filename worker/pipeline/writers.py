@@ -19,11 +19,11 @@ import logging
 from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from worker.config import Settings
 from worker.pipeline.contract import StepResult, StepRun
+from worker.pipeline.store import is_retryable_db_error
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ def apply_writers(wctx: WriteContext, runs: list[StepRun]) -> list[StepRun]:
 
     Each writer runs in a SAVEPOINT: a writer that raises (a bug, a statement the database
     refuses) is undone alone and its step is recorded as ``failed``, like a step that raised
-    while running, so one broken check never loses the other steps' results. Lock timeouts,
-    deadlocks and lost connections (OperationalError) and integrity errors propagate: the
-    whole store is retried by the task.
+    while running, so one broken check never loses the other steps' results. Database errors
+    that say nothing about the writer (unreachable database, lost connection, deadlock, lock
+    timeout, an insert race: ``worker.pipeline.store.is_retryable_db_error``) propagate
+    without a word about a failed step: the whole store is retried by the task.
     """
     out: list[StepRun] = []
     for run in runs:
@@ -89,9 +90,9 @@ def apply_writers(wctx: WriteContext, runs: list[StepRun]) -> list[StepRun]:
         try:
             with wctx.session.begin_nested():
                 result = writer.write(wctx, run.result)
-        except (OperationalError, IntegrityError):
-            raise
         except Exception as exc:  # one broken writer must not lose the other steps' output
+            if is_retryable_db_error(exc):
+                raise
             log.exception("writer of step %s failed on image %s", run.step, wctx.image_id)
             out.append(replace(run, status="failed", result=None, error=f"{type(exc).__name__}: {exc}"))
             continue

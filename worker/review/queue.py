@@ -170,6 +170,13 @@ def resolve_flag(session: Session, flag_id: int, reviewer: str, verdict: str,
     recompute the listing's fraud score with ``settings`` (a verdict overrides the model)."""
     if verdict not in VERDICTS:
         raise FlagQueueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
+    # The lock order of worker.pipeline.store: the listing row first (a flag never moves to
+    # another listing), then the flag. Two verdicts on one listing at the same moment are scored
+    # one after the other, the second seeing the first.
+    listing_id = session.execute(select(m.Flag.listing_id).where(m.Flag.id == flag_id)).scalar()
+    if listing_id is None:
+        raise FlagNotFound(f"flag {flag_id} does not exist")
+    listing = lock_listing(session, listing_id)
     flag = _held(session, flag_id, reviewer)
     now = _now()
     flag.status = verdict
@@ -181,9 +188,7 @@ def resolve_flag(session: Session, flag_id: int, reviewer: str, verdict: str,
                          reviewer=reviewer, kind="flag_verdict", verdict=verdict, note=note,
                          created_at=now))
     session.flush()
-    # Under the listing lock, like the pipeline's score: two verdicts on one listing at the
-    # same moment are scored one after the other, the second seeing the first.
-    update_fraud_score(session, lock_listing(session, flag.listing_id), settings)
+    update_fraud_score(session, listing, settings)
     return FlagView.of(flag)
 
 
@@ -191,6 +196,7 @@ def _held(session: Session, flag_id: int, reviewer: str) -> m.Flag:
     """The flag, locked, if ``reviewer`` holds an unexpired claim on it; else a clear error."""
     flag = session.execute(
         select(m.Flag).where(m.Flag.id == flag_id).with_for_update()
+        .execution_options(populate_existing=True)
     ).scalar_one_or_none()
     if flag is None:
         raise FlagNotFound(f"flag {flag_id} does not exist")

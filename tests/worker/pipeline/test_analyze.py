@@ -3,6 +3,7 @@ re-analysis rules, and no open transaction while the steps run."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -123,18 +124,30 @@ def test_bad_images_fail_with_reasons_and_good_one_succeeds(db_url: str, tmp_pat
 def test_image_that_keeps_killing_workers_is_failed_after_max_attempts(db_url: str, tmp_path: Path,
                                                                        make_settings) -> None:
     settings = make_settings(database_url=db_url)
-    out = apply(db_url, event(unique("L"), [photo(tmp_path / "a.png")]))
-    image_id = out.images_to_analyze[0]
+    out = apply(db_url, event(unique("L"), [photo(tmp_path / "a.png"), photo(tmp_path / "b.png", (0, 0, 9))]))
+    dying, retried = out.images_to_analyze
     factory = session_factory(db_url)
     with factory() as session, session.begin():
-        session.get_one(m.Image, image_id).attempts = 3  # three deliveries died mid-task
+        # Three runs started; the last one died holding its lease (left behind, run out).
+        image = session.get_one(m.Image, dying)
+        image.attempts, image.lease_owner = 3, "dead-task#0/0123abcd"
+        image.lease_expires_at = m.utcnow() - timedelta(seconds=5)
+        # Three runs started too, but each ended normally (released its lease: fetch retries).
+        session.get_one(m.Image, retried).attempts = 3
     with factory() as session:
-        result = analyze_image(session, image_id, settings, max_attempts=3)
-    assert result.status == "skipped"
+        result = analyze_image(session, dying, settings, max_attempts=3)
+    assert result.status == "failed"
     with factory() as session:
-        img = session.get_one(m.Image, image_id)
-        assert img.status == "failed" and (img.error or "").startswith("gave_up: gave up after 3 attempts")
-        assert img.listing.status == "done"
+        img = session.get_one(m.Image, dying)
+        assert img.status == "failed" and (img.error or "").startswith(
+            "gave_up: 3 attempts started and the last one did not finish")
+        assert img.lease_owner is None and img.attempts == 3
+    # Runs that ended normally are no deaths: the image is analysed (a fourth attempt).
+    (other,) = analyze_all(db_url, settings, [retried])
+    assert other.status == "done"
+    with factory() as session:
+        assert session.get_one(m.Image, retried).attempts == 4
+        assert session.get_one(m.Listing, out.listing_id).status == "done"
 
 
 # --- no transaction during inference ----------------------------------------------------------

@@ -3,6 +3,7 @@ transaction, its advisory locks under concurrency, and the whole pipeline on a s
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +256,89 @@ def test_stolen_photo_is_flagged_through_the_pipeline(db_url: str, tmp_path: Pat
         resolve_flag(s, claimed.id, "rev", "confirmed", "same cat, mirrored", settings=settings)
     with factory() as s:
         assert listing_fraud_score(s, second_listing, settings).contributions["duplicate_image"] == 0.6
+
+
+# --- who uploaded first (issue 12, item 13) -----------------------------------------------------
+
+
+def _unique_photo() -> Image.Image:
+    """A photo no other test (nor an earlier run on the shared database) has: smooth random
+    shapes, so its perceptual hashes are its own."""
+    rng = np.random.default_rng()
+    small = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((448, 320), Image.Resampling.BICUBIC)
+
+
+def _resaved(img: Image.Image, scale: float = 0.75, quality: int = 70) -> Image.Image:
+    """The usual copy: downloaded, resized and saved again as a JPEG."""
+    out = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _rewrite(session: Session, listing: m.Listing, row: m.Image, img: Image.Image) -> StepResult:
+    """Run the step and its writer again on an image that is already stored (a re-analysis)."""
+    ctx = step_context(listing, row, b"", img)
+    wctx = WriteContext(session=session, image_id=row.id, listing_id=listing.id,
+                        seller_id=listing.seller_id, settings=ctx.settings)
+    result = DuplicatesWriter().write(wctx, DuplicatesStep().run(ctx))
+    session.flush()
+    return result
+
+
+def test_the_seller_who_uploaded_first_is_never_flagged_and_every_flag_names_them(session: Session) -> None:
+    original = _unique_photo()
+    copy = _resaved(original)
+    first_id, first = _process(session, "seller-a", original)
+    assert first.flags == []
+    thief_id, thief = _process(session, "seller-b", copy)  # a later copy by another seller
+    assert [f.kind for f in thief.flags] == ["duplicate_image"]
+    origin = thief.flags[0].evidence["first_upload"]
+    assert (origin["seller_id"], origin["image_id"]) == ("seller-a", first_id)
+    assert origin["listing_external_id"].startswith("ext-") and origin["first_seen"]
+    assert "first uploaded by seller seller-a" in thief.flags[0].evidence["summary"]
+
+    # The owner re-uses the photo in a new listing: B's later copy is no reason to flag A.
+    _, reuse = _process(session, "seller-a", _resaved(original, 0.9, 85))
+    assert reuse.flags == []
+    assert reuse.data["matches_other_sellers"] >= 1 and reuse.data["first_upload_by_this_seller"] is True
+    assert reuse.data["first_upload"]["image_id"] == first_id
+
+    # A's original analysed again (e.g. a new model version) after B's copy exists: still A's.
+    listing_a = session.get_one(m.Listing, session.get_one(m.Image, first_id).listing_id)
+    again = _rewrite(session, listing_a, session.get_one(m.Image, first_id), original)
+    assert again.flags == [] and again.data["matches_other_sellers"] >= 1
+
+    # A third seller's copy names A as the first uploader, not B.
+    _, third = _process(session, "seller-c", copy)
+    assert third.flags[0].evidence["first_upload"]["seller_id"] == "seller-a"
+    assert {mm["matched_image_id"] for mm in third.flags[0].evidence["matches"]} >= {thief_id}
+
+
+def test_a_thief_who_reuses_a_stolen_photo_is_still_flagged(session: Session) -> None:
+    original = _unique_photo()
+    _process(session, "seller-a", original)
+    _, stolen = _process(session, "seller-b", _resaved(original))
+    _, again = _process(session, "seller-b", _resaved(original, 0.6, 60))  # B owns a copy, not the first
+    assert [f.kind for f in stolen.flags] == [f.kind for f in again.flags] == ["duplicate_image"]
+    assert again.flags[0].evidence["first_upload"]["seller_id"] == "seller-a"
+    assert again.data["first_upload_by_this_seller"] is False
+
+
+def test_original_owner_reusing_a_photo_through_the_pipeline_is_ok(db_url: str, tmp_path: Path,
+                                                                  make_settings) -> None:
+    settings = make_settings(database_url=db_url, steps=["metadata", "duplicates"])
+    original = _unique_photo()
+    original.save(tmp_path / "photo.jpg", quality=92)
+    _resaved(original).save(tmp_path / "copy.jpg", quality=80)
+    seller_a, seller_b = unique("seller"), unique("seller")
+    decisions = []
+    for seller, name in ((seller_a, "photo.jpg"), (seller_b, "copy.jpg"), (seller_a, "photo.jpg")):
+        out = apply(db_url, event(unique("L"), [str(tmp_path / name)], seller=seller))
+        assert [r.status for r in analyze_all(db_url, settings, out.images_to_analyze)] == ["done"]
+        with session_factory(db_url)() as s:
+            decisions.append(s.get_one(m.Listing, out.listing_id).fraud_decision)
+            flags = s.execute(select(m.Flag).where(m.Flag.listing_id == out.listing_id)).scalars().all()
+    assert decisions[1] in ("review", "hold")  # B's copy is flagged...
+    assert decisions[2] == "ok" and flags == []  # ...A's own photo again is not

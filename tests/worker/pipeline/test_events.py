@@ -75,3 +75,15 @@ def test_pg_session_rolls_back_what_the_code_under_test_commits(
     assert pg_session.connection().in_transaction()
     with get_engine(pg_url).connect() as other:
         assert other.execute(select(m.Listing.id).where(m.Listing.external_id == ext)).first() is None
+
+
+def test_a_dead_letter_with_a_nul_character_is_stored(db_url: str) -> None:
+    """`catalog submit` stores what it rejects; a raw NUL made the Postgres insert fail."""
+    from worker.pipeline.events import record_dead_letter
+
+    source = unique("file.jsonl#0")
+    with session_factory(db_url)() as session, session.begin():
+        record_dead_letter(session, source, '{"event_id": "a\x00b"}', "reason with \x00 too")
+    with session_factory(db_url)() as session:
+        stored = session.execute(select(m.DeadLetter).where(m.DeadLetter.source == source)).scalar_one()
+    assert stored.payload == '{"event_id": "a\\x00b"}' and stored.reason == "reason with \\x00 too"
