@@ -70,8 +70,11 @@ def process_cmd(paths: tuple[str, ...], seller: str, category: str | None, listi
     broker. The files and folders named here may be read (besides CATALOG_FETCH_ALLOW_DIRS);
     a symlink in a folder that points outside it is refused. Running it again on unchanged
     files re-checks their bytes and keeps the results.
+
+    Exit status: 0 when every image was fully analysed, 1 when an image failed or a step did
+    not run on it (the report says which; without --json a line on stderr counts them).
     """
-    from worker.reports.listing import listing_report, render_report
+    from worker.reports.listing import listing_report, problems, render_report
 
     settings = cli_settings()
     setup_logging(settings)
@@ -82,6 +85,12 @@ def process_cmd(paths: tuple[str, ...], seller: str, category: str | None, listi
     external_id = run_in_process(settings, refs, seller, category, listing_id, title)
     report = listing_report(settings, external_id)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render_report(report))
+    failed, incomplete, total = problems(report)
+    if failed or incomplete:
+        if not as_json:  # --json output stays one JSON document; the report has the statuses
+            click.echo(f"catalog process: {failed} of {total} image(s) failed, {incomplete} analysed "
+                       "incompletely", err=True)
+        raise SystemExit(1)
 
 
 @click.command("show")

@@ -34,6 +34,8 @@ def listing_report(settings: Settings, external_id: str) -> dict[str, Any]:
             ).scalars().all()
             images.append({
                 "id": img.id, "url": img.url, "status": img.status, "error": img.error,
+                "complete": img.complete, "attempts": img.attempts,
+                "incomplete_steps": [f"{r.step} {r.status}" for r in runs if r.status != "ok"],
                 "width": img.width, "height": img.height, "format": img.format,
                 "size_bytes": img.size_bytes, "sha256": img.sha256,
                 "phash": to_hex(img.phash), "dhash": to_hex(img.dhash),
@@ -58,15 +60,32 @@ def listing_report(settings: Settings, external_id: str) -> dict[str, Any]:
         }
 
 
+def image_state(img: dict[str, Any]) -> str:
+    """The image's status as shown: a done image whose analysis did not complete never reads
+    as plain ``done``."""
+    if img["status"] == "done" and img.get("complete") is False:
+        return "done, incomplete: " + ", ".join(img.get("incomplete_steps") or ["steps missing"])
+    return str(img["status"])
+
+
+def problems(report: dict[str, Any]) -> tuple[int, int, int]:
+    """(failed, incomplete, total) images of a report: what `catalog process` exits non-zero on."""
+    images = report["images"]
+    failed = sum(img["status"] == "failed" for img in images)
+    incomplete = sum(img["status"] == "done" and img.get("complete") is False for img in images)
+    return failed, incomplete, len(images)
+
+
 def render_report(report: dict[str, Any]) -> str:
     lst = report["listing"]
     lines = [f"listing {lst['id']}  seller={lst['seller_id']}  category={lst['category'] or '-'}  "
              f"status={lst['status']}"]
     if lst.get("fraud_score") is not None:
-        lines.append(f"fraud score {lst['fraud_score']:.2f} -> {lst['fraud_decision']}")
+        note = "  (not every image was fully analysed)" if lst["fraud_decision"] == "incomplete" else ""
+        lines.append(f"fraud score {lst['fraud_score']:.2f} -> {lst['fraud_decision']}{note}")
     for img in report["images"]:
         lines.append("")
-        lines.append(f"  image {img['id']}  [{img['status']}]  {img['url']}")
+        lines.append(f"  image {img['id']}  [{image_state(img)}]  {img['url']}")
         if img["error"]:
             lines.append(f"    error: {img['error']}")
             continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -10,18 +12,36 @@ from db import models as m
 from db.session import transaction
 from worker.config import Settings
 
+#: Keys kombu's Redis transport keeps delivered-but-unacknowledged messages under.
+UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
+
 
 def database_status(settings: Settings) -> dict[str, Any]:
     with transaction(settings.effective_database_url) as session:
-        def grouped(column, *where) -> dict[str, int]:  # noqa: ANN001
+        def grouped(column, *where) -> dict[str, int]:
             rows = session.execute(select(column, func.count()).where(*where).group_by(column))
             return {str(key): count for key, count in rows}
 
-        code = func.substr(m.Image.error, 1, func.instr(m.Image.error, ":") - 1) \
-            if session.get_bind().dialect.name == "sqlite" else func.split_part(m.Image.error, ":", 1)
+        def count(*where) -> int:
+            return int(session.execute(select(func.count()).select_from(m.Image).where(*where)).scalar_one())
+
+        is_pg = session.get_bind().dialect.name == "postgresql"
+        code = func.split_part(m.Image.error, ":", 1) if is_pg else \
+            func.substr(m.Image.error, 1, func.instr(m.Image.error, ":") - 1)
+        now = session.execute(select(func.now())).scalar_one() if is_pg else datetime.now(UTC)
+        pending = m.Image.status == "pending"
         return {
             "listings": grouped(m.Listing.status),
             "images": grouped(m.Image.status),
+            # done, but a step failed, was unavailable or was skipped (images.complete = false)
+            "images_incomplete": count(m.Image.status == "done", m.Image.complete.is_(False)),
+            # pending images by what their lease says (worker/pipeline/lease.py)
+            "images_in_flight": {
+                "analysing": count(pending, m.Image.lease_expires_at > now),
+                "lease_expired": count(pending, m.Image.lease_expires_at <= now),
+                "requeued_after_death": count(pending, m.Image.lease_owner.is_not(None),
+                                              m.Image.lease_expires_at.is_(None)),
+            },
             "failed_images_by_code": grouped(code, m.Image.status == "failed"),
             "open_flags_by_kind": grouped(m.Flag.kind, m.Flag.status == "open"),
             "listings_by_fraud_decision": grouped(m.Listing.fraud_decision, m.Listing.fraud_decision.is_not(None)),
@@ -40,6 +60,12 @@ def broker_status(settings: Settings) -> dict[str, Any]:
 
     client = redis.Redis.from_url(settings.effective_broker_url, socket_timeout=5)
     out: dict[str, Any] = {"broker": "redis", "queued": {q: client.llen(q) for q in QUEUES}}
+    # Delivered to a worker and not acknowledged yet: running, reserved, waiting for a retry's
+    # countdown, or held by a dead worker until CATALOG_VISIBILITY_TIMEOUT (the lease sweep
+    # re-queues the images of the latter within minutes; the old messages then do nothing).
+    oldest = client.zrange(UNACKED_INDEX_KEY, 0, 0, withscores=True)
+    out["unacked"] = {"messages": client.hlen(UNACKED_KEY),
+                      "oldest_age_s": round(time.time() - float(oldest[0][1])) if oldest else 0}
     events = redis.Redis.from_url(settings.effective_redis_url, socket_timeout=5)
     stream: dict[str, Any] = {"length": events.xlen(settings.events_stream),
                               "dead_letters": events.xlen(settings.dead_letter_stream)}
