@@ -38,10 +38,6 @@ KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
     # the command imports the demo back. The shared helper belongs in a module both import.
     ("worker.cli.demo", "worker.cli.local"),
     ("worker.cli.local", "worker.cli.demo"),
-    # The fraud score reads a listing's flags from the database; reading belongs in
-    # worker.pipeline (the caller), the score itself stays a pure function of the flags.
-    ("worker.fraud.score", "sqlalchemy"),
-    ("worker.fraud.score", "db.models"),
 })
 
 #: The table "Code layout, and what may import what" of docs/architecture.md: each package (the

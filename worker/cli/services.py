@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,7 +33,8 @@ def ingest_cmd(burst: bool, max_events: int | None, consumer: str | None) -> Non
     settings = cli_settings()
     setup_logging(settings)
     stats = run_ingest(settings, burst=burst, max_events=max_events, consumer=consumer)
-    click.echo(f"queued {stats.queued}, dead-lettered {stats.dead_lettered}, reclaimed {stats.reclaimed}")
+    click.echo(f"queued {stats.queued}, dead-lettered {stats.dead_lettered}, reclaimed {stats.reclaimed}, "
+               f"dead consumers removed {stats.consumers_removed}")
 
 
 @click.command("submit")
@@ -55,10 +57,7 @@ def submit_cmd(files: tuple[str, ...]) -> None:
     queued = rejected = 0
     for name in files:
         text = sys.stdin.read() if name == "-" else Path(name).read_text()
-        stripped = text.strip()
-        items = json.loads(stripped) if stripped.startswith("[") else [
-            line for line in stripped.splitlines() if line.strip()
-        ]
+        items = _submitted_items(name, text.strip())
         for index, item in enumerate(items):
             try:
                 event = parse_event(item)
@@ -74,7 +73,23 @@ def submit_cmd(files: tuple[str, ...]) -> None:
     click.echo(f"queued {queued} event(s), rejected {rejected}")
 
 
-def _passthrough(name: str, help_text: str):  # noqa: ANN202
+def _submitted_items(name: str, stripped: str) -> list[Any]:
+    """The events of one file: a JSON array, or one event per line (each parsed, with its
+    size and depth limits, by ``parse_event``). An array that cannot be read -- malformed,
+    nested too deep for the parser, not a list -- makes the whole file invalid."""
+    if not stripped.startswith("["):
+        return [line for line in stripped.splitlines() if line.strip()]
+    try:
+        items = json.loads(stripped)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise click.ClickException(f"{name}: not a valid JSON array of events "
+                                   f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(items, list):
+        raise click.ClickException(f"{name}: not a JSON array of events")
+    return items
+
+
+def _passthrough(name: str, help_text: str):
     return click.command(
         name,
         help=help_text,

@@ -63,12 +63,3 @@ def fraud_score_for_settings(flags: Iterable[Any], settings: Any) -> FraudScore:
     return fraud_score(flags, settings.fraud_weights, review_threshold=settings.fraud_review_threshold,
                        block_threshold=settings.fraud_block_threshold)
 
-
-def listing_fraud_score(session: Any, listing_id: int, settings: Any) -> FraudScore:
-    """Convenience for the caller that finishes a listing: read its flags, score them."""
-    from sqlalchemy import select
-
-    from db import models as m
-
-    rows = session.execute(select(m.Flag).where(m.Flag.listing_id == listing_id)).scalars().all()
-    return fraud_score_for_settings(rows, settings)
