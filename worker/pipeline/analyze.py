@@ -201,6 +201,8 @@ def _compute(claim: Claim, settings: Settings, retry_transient: bool) -> _Comput
         )
         return _Computed(loaded=loaded, runs=run_steps(ctx, settings.steps))
     except Exception as exc:  # a bug must fail this image with a reason, not loop forever
+        if is_retryable_db_error(exc):
+            raise
         log.exception("image %s: internal error while analysing", claim.image_id)
         return _Computed(failure=_internal_error(exc))
 

@@ -155,7 +155,9 @@ class Heartbeat:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._stop.set()
-        self._thread.join(timeout=max(1.0, self.interval))
+        # Not waiting long for a renewal stuck on an unreachable database: one that lands late
+        # changes nothing, it renews only while the image still carries this run's token.
+        self._thread.join(timeout=1.0)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):

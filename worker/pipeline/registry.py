@@ -12,6 +12,7 @@ import time
 
 from worker.config import Settings
 from worker.pipeline.contract import ImageContext, Step, StepRun, StepUnavailable
+from worker.pipeline.store import is_retryable_db_error
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ def run_steps(ctx: ImageContext, names: list[str]) -> list[StepRun]:
             log.warning("step %s unavailable: %s", name, exc)
             continue
         except Exception as exc:  # one broken step must not lose the others' output
+            if is_retryable_db_error(exc):
+                # Steps have no database; one that reaches it anyway and hits an outage is not
+                # broken: the whole analysis is retried (and logged as that by the caller).
+                raise
             log.exception("step %s failed on image %s", name, ctx.image_id)
             runs.append(StepRun(name, safe_version(step, settings), "failed", _ms_since(started),
                                 error=f"{type(exc).__name__}: {exc}"))

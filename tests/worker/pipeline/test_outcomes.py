@@ -242,3 +242,32 @@ def test_a_database_error_in_a_writer_is_retried_and_not_logged_as_a_failed_step
     with session_factory(db_url)() as session:
         again = analyze_image(session, image_id, settings)
     assert again.status == "done" and [(r.step, r.status) for r in again.steps] == [("metadata", "ok"), ("probe", "ok")]
+
+
+class _DbReadingStep:
+    """A step that (against the contract) reached a database that is down."""
+
+    name: ClassVar[str] = "db_reader"
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def version(self, settings: Settings) -> str:
+        return "db-reader@1"
+
+    def run(self, ctx: ImageContext) -> StepResult:
+        raise OperationalError("SELECT 1", {}, psycopg2.OperationalError("could not connect to server"))
+
+
+def test_a_database_error_in_a_step_is_retried_not_recorded_as_a_failed_step(
+        db_url: str, tmp_path: Path, make_settings, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    _register(monkeypatch, _DbReadingStep())
+    settings = make_settings(database_url=db_url, steps=["metadata", "db_reader"])
+    (image_id,) = apply(db_url, event(unique("L"), [photo(tmp_path / "a.png")])).images_to_analyze
+    caplog.set_level(logging.INFO)
+    with session_factory(db_url)() as session, pytest.raises(OperationalError):
+        analyze_image(session, image_id, settings)
+    with session_factory(db_url)() as session:
+        image = session.get_one(m.Image, image_id)
+        assert (image.status, image.error, image.lease_owner) == ("pending", None, None)
+    assert [r.getMessage() for r in caplog.records if "failed" in r.getMessage()] == []
+    assert any("will be retried" in r.getMessage() for r in caplog.records)
