@@ -4,8 +4,10 @@ Settings chosen for long GPU tasks: a task is acknowledged only after it finishe
 (``acks_late``) and requeued if its worker process dies (``reject_on_worker_lost``); each
 worker process reserves one message at a time (``prefetch_multiplier=1``) so a slow task does
 not hold others hostage; Redis redelivers an unacknowledged message only after
-``visibility_timeout``, which must stay above the longest task. Results go to the database,
-so there is no result backend.
+``visibility_timeout``, which must stay above the longest task. A killed worker's images do not
+wait for that: each carries a lease its run renews, and every worker re-queues the images whose
+lease ran out (``worker.pipeline.lease``, started on ``worker_ready`` in ``tasks.maintenance``).
+Results go to the database, so there is no result backend.
 """
 
 from __future__ import annotations

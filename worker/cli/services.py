@@ -130,8 +130,9 @@ def worker_cmd(ctx: click.Context) -> None:
         args += ["--loglevel", settings.log_level]
     if settings.embedded_broker:
         # The filesystem transport has no fan-out: no gossip, mingle or heartbeats. It also
-        # forgets a message once a worker took it, so the embedded worker runs the beat
-        # scheduler itself: its stale-image sweep re-queues work lost with a dead worker.
+        # forgets a message once a worker took it; every worker's own sweeper (tasks/maintenance)
+        # re-queues the images of a dead one. The embedded worker still runs the beat scheduler
+        # itself, for the periodic tasks a deployment's `catalog beat` would run.
         args += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
         if "--no-beat" in args:
             args.remove("--no-beat")
