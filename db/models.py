@@ -199,10 +199,13 @@ class ModelVersion(Base):
     name: Mapped[str] = mapped_column(String(128))
     version: Mapped[str] = mapped_column(String(128))
     path: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="candidate")  # candidate|active|retired
+    status: Mapped[str] = mapped_column(String(16), default="candidate")  # candidate|champion|retired
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[datetime | None]
+    checksum: Mapped[str | None] = mapped_column(String(64))  # sha256 of the artifact file
+    training_run_id: Mapped[int | None] = mapped_column(BigInteger)  # the run that made it
+    retired_at: Mapped[datetime | None]
 
 
 class TrainingRun(Base):
@@ -217,6 +220,9 @@ class TrainingRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+    decision: Mapped[str | None] = mapped_column(String(16))  # promoted | rejected | skipped | failed
+    reason: Mapped[str | None] = mapped_column(Text)  # why the candidate was or was not promoted
+    label_counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class ProcessedEvent(Base):
@@ -282,3 +288,66 @@ class ArtifactRecord(Base):
     height: Mapped[int | None] = mapped_column(Integer)
     model_version: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Label(Base):
+    """A reviewed or imported label: the ground truth retraining learns from.
+
+    One row per decision, never updated in place except ``active``: a newer label for the same
+    (image or listing, kind, name) supersedes the older one, which stays as history. ``split``
+    is assigned once, deterministically from the image (or listing) id, so the held-out set
+    that candidate and champion are compared on never changes under them. Sellers' declared
+    categories are weak labels and are not stored here (they stay in ``listings.category``).
+    """
+
+    __tablename__ = "labels"
+    __table_args__ = (Index("ix_labels_target", "kind", "image_id", "listing_id", "name", "active"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    listing_id: Mapped[int | None] = mapped_column(ForeignKey("listings.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # tag | category | box | attribute | flag_verdict
+    action: Mapped[str] = mapped_column(String(16))  # confirm | reject | set | add | correct | delete
+    name: Mapped[str | None] = mapped_column(String(255))  # tag, category, box label or attribute name
+    value: Mapped[str | None] = mapped_column(String(255))  # attribute value or flag verdict
+    x0: Mapped[float | None] = mapped_column(Float)
+    y0: Mapped[float | None] = mapped_column(Float)
+    x1: Mapped[float | None] = mapped_column(Float)
+    y1: Mapped[float | None] = mapped_column(Float)
+    detection_id: Mapped[int | None] = mapped_column(ForeignKey("detections.id", ondelete="SET NULL"))
+    flag_id: Mapped[int | None] = mapped_column(ForeignKey("flags.id", ondelete="SET NULL"))
+    source: Mapped[str] = mapped_column(String(16))  # review | import
+    reviewer: Mapped[str] = mapped_column(String(255))
+    corrects_model_version: Mapped[str | None] = mapped_column(String(128))
+    previous: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    split: Mapped[str] = mapped_column(String(8))  # train | heldout
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiUser(Base):
+    """A person or client of the HTTP API (``catalog users add``)."""
+
+    __tablename__ = "api_users"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # reviewer | admin
+    password_hash: Mapped[str | None] = mapped_column(Text)  # None: token-only client
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token, stored as its SHA-256 only (the token itself is shown once)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("api_users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
