@@ -153,6 +153,11 @@ def measure(dsn: str, plan: Plan, stream: dict[str, Any]) -> dict[str, Any]:
             dup_steps = scalar(cur, extra.format("step_runs", "image_id, step"))
             done_without_steps = scalar(cur, """SELECT count(*) FROM images i WHERE i.status = 'done'
                 AND NOT EXISTS (SELECT 1 FROM step_runs s WHERE s.image_id = i.id)""")
+            cur.execute("""SELECT count(*) FROM information_schema.columns
+                           WHERE table_name = 'images' AND column_name = 'complete'""")
+            has_complete = bool(cur.fetchall()[0][0])  # images.complete arrived with issue 12
+            done_incomplete = scalar(cur, "SELECT count(*) FROM images WHERE status = 'done' AND NOT complete") \
+                if has_complete else None
     finally:
         conn.close()
 
@@ -220,7 +225,7 @@ def measure(dsn: str, plan: Plan, stream: dict[str, Any]) -> dict[str, Any]:
         "false_failures": c["false_failures"], "stuck": c["stuck"], "lost": c["lost"],
         "duplicated": sum(duplicated.values()), "duplicated_by_table": duplicated,
         "failed_by_code": dict(codes), "why_stuck_or_lost": dict(reasons),
-        "done_without_step_runs": done_without_steps,
+        "done_without_step_runs": done_without_steps, "done_incomplete": done_incomplete,
         "malformed_dead_lettered": c["malformed_dead_lettered"], "malformed_accepted": c["malformed_accepted"],
         "attempts_max": max(attempts, default=0), "attempts_total": sum(attempts),
         "stream_pending": len(stream["pending"]), "stream_lag": stream.get("lag"),

@@ -61,8 +61,8 @@ def notes(r: dict[str, Any]) -> str:
         parts.append(f"duplicated_by_table={r['duplicated_by_table']}")
     if (r.get("stream_consumers") or 0) > 1:
         parts.append(f"consumers left in the group: {r['stream_consumers']} (one `catalog ingest` runs)")
-    for key in ("broker_unacked", "stream_pending", "done_without_step_runs", "malformed_dead_lettered",
-                "malformed_accepted", "crash_kills", "unexpected_exits"):
+    for key in ("broker_unacked", "stream_pending", "done_without_step_runs", "done_incomplete",
+                "malformed_dead_lettered", "malformed_accepted", "crash_kills", "unexpected_exits"):
         if r.get(key):
             parts.append(f"{key}={r[key]}")
     if "attempts_max" in r:
