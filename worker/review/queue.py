@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
+from sqlalchemy.orm import Session, object_session
 
 from db import models as m
 from worker.config import Settings
 from worker.pipeline.store import lock_listing, update_fraud_score
 
 VERDICTS = ("confirmed", "dismissed")
+#: Flag kinds the fraud checks raise (worker/fraud); the queue also accepts kinds already stored.
+FLAG_KINDS = ("duplicate_image", "contact_info", "nsfw", "tampered", "category_mismatch", "low_quality")
 
 
 class FlagQueueError(Exception):
@@ -77,12 +79,17 @@ class FlagView:
     reviewed_by: str | None
     reviewed_at: datetime | None
     note: str | None
+    #: The shop's id of the listing: what a person reads and types (``catalog show``).
+    listing_external_id: str | None = None
 
     @classmethod
     def of(cls, flag: m.Flag) -> FlagView:
+        session = object_session(flag)
+        listing = session.get(m.Listing, flag.listing_id) if session is not None else None
         return cls(flag.id, flag.listing_id, flag.image_id, flag.kind, flag.score, flag.status,
                    dict(flag.evidence or {}), _aware(flag.created_at), flag.claimed_by,
-                   _aware(flag.claim_expires_at), flag.reviewed_by, _aware(flag.reviewed_at), flag.note)
+                   _aware(flag.claim_expires_at), flag.reviewed_by, _aware(flag.reviewed_at), flag.note,
+                   listing.external_id if listing is not None else None)
 
     @property
     def claim_expired(self) -> bool:
@@ -96,9 +103,27 @@ class FlagView:
         return out
 
 
+def valid_kinds(session: Session) -> list[str]:
+    """The kinds a filter may name: those the fraud checks raise plus any already stored."""
+    stored = session.execute(select(m.Flag.kind).distinct()).scalars()
+    return sorted(set(FLAG_KINDS) | set(stored))
+
+
+def check_kind(session: Session, kind: str | None) -> None:
+    """Refuse an unknown kind with the list of valid ones (a typo must not read as 'no flags')."""
+    if kind is not None and kind not in (kinds := valid_kinds(session)):
+        raise FlagQueueError(f"unknown flag kind {kind!r}; use one of {', '.join(kinds)}")
+
+
+def _priority(weights: dict[str, float]) -> ColumnElement[float]:
+    return case(weights, value=m.Flag.kind, else_=0.0) * m.Flag.score
+
+
 def list_flags(session: Session, *, status: str | None = None, kind: str | None = None,
-               listing_id: int | None = None, limit: int = 100) -> list[FlagView]:
-    """Flags, oldest first. ``status='claimable'`` lists what ``claim_next_flag`` can hand out."""
+               listing_id: int | None = None, limit: int = 100, offset: int = 0,
+               weights: dict[str, float] | None = None, claimed_by: str | None = None) -> list[FlagView]:
+    """Flags, oldest first (most serious first with ``weights``, as ``claim_next_flag`` hands
+    them out). ``status='claimable'`` lists what ``claim_next_flag`` can hand out."""
     stmt = select(m.Flag)
     if status == "claimable":
         stmt = stmt.where(_claimable(_now()))
@@ -111,8 +136,52 @@ def list_flags(session: Session, *, status: str | None = None, kind: str | None 
         stmt = stmt.where(m.Flag.kind == kind)
     if listing_id is not None:
         stmt = stmt.where(m.Flag.listing_id == listing_id)
-    stmt = stmt.order_by(m.Flag.created_at, m.Flag.id).limit(limit)
+    if claimed_by is not None:
+        stmt = stmt.where(m.Flag.claimed_by == claimed_by)
+    if weights:
+        stmt = stmt.order_by(_priority(weights).desc(), m.Flag.created_at, m.Flag.id)
+    else:
+        stmt = stmt.order_by(m.Flag.created_at, m.Flag.id)
+    stmt = stmt.offset(offset).limit(limit)
     return [FlagView.of(f) for f in session.execute(stmt).scalars()]
+
+
+def get_flag(session: Session, flag_id: int) -> FlagView:
+    flag = session.get(m.Flag, flag_id)
+    if flag is None:
+        raise FlagNotFound(f"flag {flag_id} does not exist")
+    return FlagView.of(flag)
+
+
+def queue_stats(session: Session) -> dict[str, Any]:
+    """Counts per status and per kind, how many are claimable now, and the oldest open flag."""
+    now = _now()
+    by_status = dict(session.execute(select(m.Flag.status, func.count()).group_by(m.Flag.status)).tuples())
+    by_kind: dict[str, dict[str, int]] = {}
+    for kind, status, n in session.execute(
+            select(m.Flag.kind, m.Flag.status, func.count()).group_by(m.Flag.kind, m.Flag.status)).tuples():
+        by_kind.setdefault(kind, {})[status] = n
+    claimable = session.execute(select(func.count()).select_from(m.Flag).where(_claimable(now))).scalar_one()
+    oldest = _aware(session.execute(select(func.min(m.Flag.created_at)).where(m.Flag.status == "open")).scalar())
+    return {"by_status": {s: by_status.get(s, 0) for s in m.FLAG_STATUSES}, "by_kind": by_kind,
+            "claimable": claimable, "oldest_open_at": oldest.isoformat() if oldest else None}
+
+
+def reviewer_history(session: Session, reviewer: str, *, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+    """The reviewer's own decisions, newest first (rows of ``reviews``)."""
+    stmt = (select(m.Review, m.Listing.external_id, m.Flag.kind)
+            .join(m.Listing, m.Listing.id == m.Review.listing_id, isouter=True)
+            .join(m.Flag, m.Flag.id == m.Review.flag_id, isouter=True)
+            .where(m.Review.reviewer == reviewer)
+            .order_by(m.Review.created_at.desc(), m.Review.id.desc()).offset(offset).limit(limit))
+    out = []
+    for review, external_id, kind in session.execute(stmt).tuples():
+        when = _aware(review.created_at)
+        out.append({"id": review.id, "flag_id": review.flag_id, "flag_kind": kind,
+                    "listing_external_id": external_id, "image_id": review.image_id, "kind": review.kind,
+                    "verdict": review.verdict, "label": review.label, "note": review.note,
+                    "created_at": when.isoformat() if when else None})
+    return out
 
 
 def claim_next_flag(session: Session, reviewer: str, ttl: int | float | timedelta = 1800, *,
@@ -131,8 +200,7 @@ def claim_next_flag(session: Session, reviewer: str, ttl: int | float | timedelt
     if kind:
         pick = pick.where(m.Flag.kind == kind)
     if weights:
-        priority = case(weights, value=m.Flag.kind, else_=0.0) * m.Flag.score
-        pick = pick.order_by(priority.desc(), m.Flag.created_at, m.Flag.id)
+        pick = pick.order_by(_priority(weights).desc(), m.Flag.created_at, m.Flag.id)
     else:
         pick = pick.order_by(m.Flag.created_at, m.Flag.id)
     pick = pick.limit(1)
@@ -154,6 +222,34 @@ def claim_next_flag(session: Session, reviewer: str, ttl: int | float | timedelt
             return None
     flag = session.get_one(m.Flag, flag_id, populate_existing=True)
     return FlagView.of(flag)
+
+
+def claim_flag(session: Session, flag_id: int, reviewer: str,
+               ttl: int | float | timedelta = 1800) -> FlagView:
+    """Claim one specific flag for ``reviewer`` (or renew their own claim). Atomic: one guarded
+    UPDATE, whose condition Postgres re-checks after waiting for a concurrent claim's row lock
+    and SQLite runs alone, so two reviewers can never both hold the flag."""
+    if not reviewer or not reviewer.strip():
+        raise FlagQueueError("a reviewer name is required")
+    ttl = ttl if isinstance(ttl, timedelta) else timedelta(seconds=float(ttl))
+    if ttl.total_seconds() <= 0:
+        raise FlagQueueError("the claim TTL must be positive")
+    now = _now()
+    mine = and_(m.Flag.status == "claimed", m.Flag.claimed_by == reviewer)
+    stmt = (update(m.Flag)
+            .where(m.Flag.id == flag_id, or_(_claimable(now), mine))
+            .values(status="claimed", claimed_by=reviewer, claimed_at=now, claim_expires_at=now + ttl)
+            .returning(m.Flag.id))
+    if session.execute(stmt).scalar_one_or_none() is None:
+        flag = session.get(m.Flag, flag_id, populate_existing=True)
+        if flag is None:
+            raise FlagNotFound(f"flag {flag_id} does not exist")
+        if flag.status in VERDICTS:
+            raise FlagNotHeld(f"flag {flag_id} was already {flag.status} by {flag.reviewed_by}")
+        expires = _aware(flag.claim_expires_at)
+        raise FlagNotHeld(f"flag {flag_id} is claimed by {flag.claimed_by} until "
+                          f"{expires.isoformat() if expires else 'further notice'}")
+    return FlagView.of(session.get_one(m.Flag, flag_id, populate_existing=True))
 
 
 def release_flag(session: Session, flag_id: int, reviewer: str) -> FlagView:
