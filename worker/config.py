@@ -184,6 +184,11 @@ class Settings(BaseSettings):
         0.5, ge=0, le=1, description="Tagging confidence needed before a category mismatch is flagged."
     )
     flag_claim_ttl: int = Field(1800, ge=10, description="Seconds a reviewer holds a claimed flag.")
+    label_heldout_percent: int = Field(
+        20, ge=0, le=100,
+        description="Share of reviewed labels held out for evaluating retrained models (fixed per "
+        "image when its first label is stored).",
+    )
     fraud_weights: dict[str, float] = Field(
         default_factory=lambda: {
             "duplicate_image": 0.6, "contact_info": 0.5, "nsfw": 0.7, "tampered": 0.15,
