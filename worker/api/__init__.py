@@ -1,0 +1,1 @@
+"""The review service: HTTP API (OpenAPI), reviewers' web pages and accounts (``catalog api``)."""

@@ -1,0 +1,1 @@
+"""Route groups of the review service: listings, files, flags, admin, pages."""
