@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, object_session
 
 from db import models as m
 from worker.config import Settings
+from worker.labels.review import record_flag_verdict
 from worker.pipeline.store import lock_listing, update_fraud_score
 
 VERDICTS = ("confirmed", "dismissed")
@@ -284,6 +285,9 @@ def resolve_flag(session: Session, flag_id: int, reviewer: str, verdict: str,
                          reviewer=reviewer, kind="flag_verdict", verdict=verdict, note=note,
                          created_at=now))
     session.flush()
+    # The verdict is also a reviewed label, with the model version it corrects (training data).
+    record_flag_verdict(session, flag.id, verdict, reviewer, note=note,
+                        heldout=settings.label_heldout_percent)
     update_fraud_score(session, listing, settings)
     return FlagView.of(flag)
 
