@@ -98,7 +98,7 @@ class SecurityHeaders:
 def create_app(settings: Settings, *, secret: bytes | None = None, secure_cookies: bool | None = None) -> FastAPI:
     """The service for ``settings``. ``secure_cookies`` marks the session cookie Secure (the
     service sits behind https); by default it follows the request's scheme."""
-    from worker.api.routes import admin, files, flags, listings, pages
+    from worker.api.routes import admin, files, flags, labels, listings, pages
 
     key = secret or os.environ.get(SECRET_ENV, "").encode() or secrets.token_bytes(32)
     app = FastAPI(title="catalog-worker review service", version="1",
@@ -120,7 +120,7 @@ def create_app(settings: Settings, *, secret: bytes | None = None, secure_cookie
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
 
-    for module in (listings, files, flags, admin, pages):
+    for module in (listings, files, flags, labels, admin, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     wrapped: Any = app

@@ -128,7 +128,7 @@ def authenticate_token(session: Session, token: str) -> Principal | None:
     row = session.execute(
         select(m.ApiToken, m.ApiUser).join(m.ApiUser, m.ApiUser.id == m.ApiToken.user_id)
         .where(m.ApiToken.token_hash == hash_token(token))
-    ).tuples().one_or_none()
+    ).one_or_none()
     if row is None:
         return None
     tok, user = row

@@ -157,10 +157,10 @@ def get_flag(session: Session, flag_id: int) -> FlagView:
 def queue_stats(session: Session) -> dict[str, Any]:
     """Counts per status and per kind, how many are claimable now, and the oldest open flag."""
     now = _now()
-    by_status = dict(session.execute(select(m.Flag.status, func.count()).group_by(m.Flag.status)).tuples())
+    by_status = dict(session.execute(select(m.Flag.status, func.count()).group_by(m.Flag.status)).all())
     by_kind: dict[str, dict[str, int]] = {}
     for kind, status, n in session.execute(
-            select(m.Flag.kind, m.Flag.status, func.count()).group_by(m.Flag.kind, m.Flag.status)).tuples():
+            select(m.Flag.kind, m.Flag.status, func.count()).group_by(m.Flag.kind, m.Flag.status)):
         by_kind.setdefault(kind, {})[status] = n
     claimable = session.execute(select(func.count()).select_from(m.Flag).where(_claimable(now))).scalar_one()
     oldest = _aware(session.execute(select(func.min(m.Flag.created_at)).where(m.Flag.status == "open")).scalar())
@@ -176,7 +176,7 @@ def reviewer_history(session: Session, reviewer: str, *, limit: int = 50, offset
             .where(m.Review.reviewer == reviewer)
             .order_by(m.Review.created_at.desc(), m.Review.id.desc()).offset(offset).limit(limit))
     out = []
-    for review, external_id, kind in session.execute(stmt).tuples():
+    for review, external_id, kind in session.execute(stmt):
         when = _aware(review.created_at)
         out.append({"id": review.id, "flag_id": review.flag_id, "flag_kind": kind,
                     "listing_external_id": external_id, "image_id": review.image_id, "kind": review.kind,

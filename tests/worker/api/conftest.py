@@ -1,0 +1,115 @@
+"""Fixtures of the review-service tests: a service on the real Postgres test database, users
+with tokens, a login session, and the service served by uvicorn on a free port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from db.session import transaction
+from worker.api import auth
+from worker.api.app import create_app
+from worker.config import Settings
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class User:
+    name: str
+    role: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "photos"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def api_settings(pg_url: str, make_settings: Callable[..., Settings], photo_dir: Path) -> Settings:
+    return make_settings(database_url=pg_url, fetch_allow_dirs=[str(photo_dir)])
+
+
+@pytest.fixture
+def app(api_settings: Settings) -> FastAPI:
+    return create_app(api_settings, secret=b"test-secret-" * 3)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture
+def make_user(pg_url: str) -> Callable[..., User]:
+    def _make(role: str = "reviewer", password: str | None = PASSWORD) -> User:
+        name = f"{role}-{uuid.uuid4().hex[:8]}"
+        with transaction(pg_url) as session:
+            auth.create_user(session, name, role, password)
+            token = auth.issue_token(session, name)
+        return User(name, role, token)
+
+    return _make
+
+
+@pytest.fixture
+def reviewer(make_user: Callable[..., User]) -> User:
+    return make_user("reviewer")
+
+
+@pytest.fixture
+def admin(make_user: Callable[..., User]) -> User:
+    return make_user("admin")
+
+
+def login(client: TestClient, name: str, password: str = PASSWORD) -> str:
+    """Log in through the form; returns the session's CSRF token (read from a page)."""
+    page = client.get("/review/login")
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    answer = client.post("/review/login", data={"name": name, "password": password, "csrf_token": token},
+                         follow_redirects=False)
+    assert answer.status_code == 303 and answer.headers["location"] == "/review", answer.text
+    queue_page = client.get("/review")
+    return queue_page.text.split('name="csrf_token" value="')[1].split('"')[0]
+
+
+@pytest.fixture
+def served(app: FastAPI) -> Iterator[str]:
+    """The app served by a real uvicorn on 127.0.0.1 (many concurrent clients, a browser)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def log_in() -> Callable[..., str]:
+    return login
