@@ -23,6 +23,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -243,13 +244,22 @@ def row_spec(session: Session, row: dict[str, Any], ctx: _Context) -> LabelSpec:
                 raise UnknownTarget(f"image {image_id} is at position {image.position}, not {position}")
     elif external is not None:
         listing = review.listing_by_external_id(session, external)
-        image_id = _image_of_listing(session, listing, position, kind)
+        if kind == "box" and row.get("detection_id") is not None and position is None:
+            det = session.get(m.Detection, _int(row.get("detection_id"), "detection_id"))
+            owner_id = session.get_one(m.Image, det.image_id).listing_id if det is not None else None
+            if det is not None and owner_id != listing.id:
+                raise UnknownTarget(f"detection {det.id} is not on listing {external!r}")
+            image_id = None  # the detection names its image
+        else:
+            image_id = _image_of_listing(session, listing, position, kind)
         listing_ext = external if image_id is None else None
     else:
         raise InvalidLabel("the row names no image_id and no listing")
 
     action = (_str(row.get("action")) or "").lower() or None
     name, value = _str(row.get("name")), _str(row.get("value"))
+    if value is not None and kind != "attribute":
+        raise InvalidLabel(f"a {kind} label takes no value (got {value!r}); only attributes are name=value")
     if kind == "tag":
         assert image_id is not None
         return review.tag_spec(session, image_id, name or "", action or "confirm", reviewer,
@@ -362,15 +372,17 @@ def export_rows(session: Session, kinds: Iterable[str] = IMPORTABLE_KINDS) -> li
             .outerjoin(lst, lst.c.id == m.Label.listing_id)
             .where(m.Label.active.is_(True), m.Label.kind.in_(list(kinds))).order_by(m.Label.id))
     out = []
-    for label, position, listing_ext, image_listing_ext in session.execute(stmt).tuples():
+    for label, position, listing_ext, image_listing_ext in session.execute(stmt):
         box = [label.x0, label.y0, label.x1, label.y1] if label.x0 is not None else None
-        created = label.created_at.isoformat() if label.created_at else None
+        created = label.created_at
+        if created is not None and created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)  # SQLite hands back naive UTC times
         out.append({"image_id": label.image_id, "listing": listing_ext or image_listing_ext,
                     "position": position, "kind": label.kind, "action": label.action,
                     "name": label.name, "value": label.value, "box": box,
                     "detection_id": label.detection_id, "source": label.source,
                     "reviewer": label.reviewer, "note": label.note, "split": label.split,
-                    "created_at": created})
+                    "created_at": created.isoformat() if created else None})
     return out
 
 

@@ -61,7 +61,7 @@ def label_stats(session: Session) -> LabelStats:
             .group_by(m.Label.kind, m.Label.split)):
         by_kind.setdefault(kind, {"train": 0, "heldout": 0})[split] = n
     by_source = dict(session.execute(select(m.Label.source, func.count()).where(active)
-                                     .group_by(m.Label.source)).tuples().all())
+                                     .group_by(m.Label.source)).all())
     by_action = {f"{k}/{a}": n for k, a, n in session.execute(
         select(m.Label.kind, m.Label.action, func.count()).where(active)
         .group_by(m.Label.kind, m.Label.action))}
@@ -71,7 +71,7 @@ def label_stats(session: Session) -> LabelStats:
             .where(active, m.Label.kind == "category").group_by(m.Label.name, m.Label.split)):
         categories.setdefault(str(name), {"train": 0, "heldout": 0})[split] = n
     total = dict(session.execute(select(m.Label.active, func.count()).group_by(m.Label.active))
-                 .tuples().all())
+                 .all())
     reviewers = session.execute(select(func.count(func.distinct(m.Label.reviewer)))).scalar_one()
     weak = session.execute(select(func.count()).select_from(m.Listing).where(
         m.Listing.category.is_not(None), m.Listing.category != "", m.Listing.status != "deleted")).scalar_one()
