@@ -57,3 +57,12 @@ def ensure_schema(settings: Settings) -> None:
     raise click.ClickException(
         f"database schema is at {current or 'nothing'}, this code needs {head}: run `catalog db upgrade`"
     )
+
+
+def allow_local(settings: Settings, paths: list[str]) -> Settings:
+    """``settings`` that may also read ``paths`` (resolved files or folders) besides the
+    directories in CATALOG_FETCH_ALLOW_DIRS."""
+    extra = [p for p in paths if p not in settings.fetch_allow_dirs]
+    if not extra:
+        return settings
+    return settings.model_copy(update={"fetch_allow_dirs": [*settings.fetch_allow_dirs, *extra]})

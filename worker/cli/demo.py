@@ -54,7 +54,7 @@ def demo_photos(out: Path) -> tuple[list[Path], list[Path]]:
 
 
 def run_demo(settings: Settings, out: Path, as_json: bool, echo: Callable[[str], None]) -> None:
-    from worker.cli.local import allow_local
+    from worker.cli.common import allow_local
     from worker.pipeline.local import run_in_process
     from worker.reports.listing import listing_report, render_report
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from worker.cli.common import IMAGE_SUFFIXES, cli_settings, ensure_schema, setup_logging
-from worker.config import Settings
+from worker.cli.common import IMAGE_SUFFIXES, allow_local, cli_settings, ensure_schema, setup_logging
 from worker.pipeline.local import run_in_process
 
 
@@ -44,15 +43,6 @@ def _collect_images(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
     if not refs:
         raise click.BadParameter("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
     return refs, given
-
-
-def allow_local(settings: Settings, paths: list[str]) -> Settings:
-    """``settings`` that may also read ``paths`` (resolved files or folders) besides the
-    directories in CATALOG_FETCH_ALLOW_DIRS."""
-    extra = [p for p in paths if p not in settings.fetch_allow_dirs]
-    if not extra:
-        return settings
-    return settings.model_copy(update={"fetch_allow_dirs": [*settings.fetch_allow_dirs, *extra]})
 
 
 @click.command("process")

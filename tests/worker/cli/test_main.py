@@ -160,7 +160,8 @@ def test_status_counts_failures_by_code_on_the_embedded_default(monkeypatch: pyt
     monkeypatch.setenv("CATALOG_STEPS", "metadata")
     write_photo(tmp_path / "ok.jpg", size=(64, 48))
     write_not_an_image(tmp_path / "bad.jpg")
-    assert CliRunner().invoke(main, ["process", str(tmp_path / "ok.jpg"), str(tmp_path / "bad.jpg")]).exit_code == 0
+    # catalog process exits 1 when an image failed: bad.jpg is not an image
+    assert CliRunner().invoke(main, ["process", str(tmp_path / "ok.jpg"), str(tmp_path / "bad.jpg")]).exit_code == 1
     result = CliRunner().invoke(main, ["status", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
