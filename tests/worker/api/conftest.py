@@ -113,3 +113,20 @@ def served(app: FastAPI) -> Iterator[str]:
 @pytest.fixture
 def log_in() -> Callable[..., str]:
     return login
+
+
+@pytest.fixture(autouse=True)
+def _remove_what_the_test_added(pg_url: str) -> Iterator[None]:
+    """The Postgres database is shared by the whole test session: listings (with their images
+    and flags) made by a test here must not reach another test's 'claim the next flag'."""
+    from sqlalchemy import delete, func, select
+
+    from db import models as m
+
+    with transaction(pg_url) as session:
+        last_listing = session.execute(select(func.max(m.Listing.id))).scalar() or 0
+        last_flag = session.execute(select(func.max(m.Flag.id))).scalar() or 0
+    yield
+    with transaction(pg_url) as session:
+        session.execute(delete(m.Flag).where(m.Flag.id > last_flag))
+        session.execute(delete(m.Listing).where(m.Listing.id > last_listing))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
@@ -180,11 +179,3 @@ def _listing(session: Any) -> int:
     session.add(listing)
     session.flush()
     return listing.id
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_flags(pg_url: str) -> Any:
-    yield
-    with transaction(pg_url) as session:
-        for flag in session.execute(select(m.Flag).where(m.Flag.kind == "csrf_test")).scalars():
-            session.delete(flag)
