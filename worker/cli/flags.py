@@ -97,8 +97,8 @@ def list_cmd(status: str | None, kind: str | None, limit: int, as_json: bool) ->
     with transaction(_url()) as session:
         items = queue.list_flags(session, status=status, kind=kind, limit=limit)
         ids = [f.image_id for f in items if f.image_id is not None]
-        photos = dict(session.execute(select(queue.m.Image.id, queue.m.Image.url)
-                                      .where(queue.m.Image.id.in_(ids))).all()) if ids else {}
+        photos: dict[int | None, str] = dict(session.execute(
+            select(queue.m.Image.id, queue.m.Image.url).where(queue.m.Image.id.in_(ids))).all()) if ids else {}
     if as_json:
         click.echo(json.dumps([{**f.to_dict(), "photo": photos.get(f.image_id)} for f in items],
                               indent=2, default=str))

@@ -60,7 +60,7 @@ def test_many_concurrent_clients_never_get_the_same_flag(served: str, pg_url: st
     assert sum(1 for lst in got.values() if lst) > 1  # the clients really competed
     with transaction(pg_url) as session:
         holders = dict(session.execute(select(m.Flag.id, m.Flag.claimed_by).where(m.Flag.kind == kind)).all())
-    assert all(flag_id in got[holders[flag_id]] for flag_id in ids)
+    assert all(flag_id in got[str(holders[flag_id])] for flag_id in ids)
 
 
 def test_concurrent_claims_of_one_specific_flag_have_one_winner(served: str, pg_url: str, make_user) -> None:
