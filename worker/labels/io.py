@@ -38,6 +38,7 @@ from worker.labels.store import (
     LabelSpec,
     UnknownTarget,
     active_labels,
+    begin_write,
     write,
 )
 
@@ -350,6 +351,7 @@ def import_labels(session: Session, path: Path | str, reviewer: str, *, fmt: str
 def _lock_in_order(session: Session, specs: list[LabelSpec]) -> None:
     """Take the row locks of every target up front, listings then images, each by id: the lock
     order of the pipeline, so an import never deadlocks with a worker finishing a listing."""
+    begin_write(session)
     listings = sorted({s.listing_id for s in specs if s.listing_id is not None})
     images = sorted({s.image_id for s in specs if s.image_id is not None})
     if listings:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from db import models as m
@@ -221,12 +221,22 @@ def _summary(row: m.Label) -> dict[str, Any]:
             "reviewer": row.reviewer, "source": row.source, "created_at": created}
 
 
+def begin_write(session: Session) -> None:
+    """SQLite: take the database's write lock now, before reading the labels to supersede.
+    Its driver begins a transaction only at the first write, so two writers could otherwise
+    both read the same active label and both insert a successor. A write matching no row is
+    enough (and touches no ``updated_at``). Postgres: nothing, the row locks do it."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("UPDATE labels SET active = active WHERE id = -1"))
+
+
 def lock_target(session: Session, spec: LabelSpec) -> None:
     """Serialise labels of one target (Postgres row lock; SQLite has one writer anyway), so two
     reviewers at once never leave two active labels. Flag verdicts are serialised by the flag
     lock ``resolve_flag`` holds; taking the image after it would break the lock order."""
     if spec.kind == "flag_verdict":
         return
+    begin_write(session)
     if spec.image_id is not None:
         session.execute(select(m.Image.id).where(m.Image.id == spec.image_id).with_for_update())
     elif spec.listing_id is not None:

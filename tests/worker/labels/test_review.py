@@ -4,6 +4,7 @@ the fixed split, and a clear refusal for bad input."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -216,3 +217,30 @@ def test_weak_seller_categories_stay_apart(catalogue: Catalogue) -> None:
 def test_setting_is_validated() -> None:
     with pytest.raises(Exception, match="CATALOG_LABEL_HELDOUT_PERCENT"):
         load_settings(label_heldout_percent=101)
+
+
+def test_concurrent_reviewers_leave_one_active_label_and_a_chain_of_history(catalogue: Catalogue) -> None:
+    categories = ["bags", "shoes", "watches", "phones", "furniture", "home decor", "bags", "shoes"]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(categories))
+
+    def review(i: int, category: str) -> None:
+        try:
+            start.wait()
+            with transaction(catalogue.url) as s:
+                labels.set_category(s, category, f"reviewer-{i}", image_id=catalogue.image)
+        except Exception as exc:  # noqa: BLE001  (reported below, in the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=review, args=(i, c)) for i, c in enumerate(categories)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    rows = _rows(catalogue.url, catalogue.image, "category")
+    assert len(rows) == len(categories) and sum(r.active for r in rows) == 1
+    # Each label replaced exactly the one before it: no two saw the same active label.
+    replaced = [r.previous["label"]["id"] for r in rows if r.previous and r.previous["label"]]
+    assert sorted(replaced) == [r.id for r in rows[:-1]]
+    assert rows[-1].active
