@@ -222,3 +222,25 @@ def test_export_of_flag_verdicts_only_on_request(catalogue: Catalogue) -> None:
     row = json.loads(verdicts.getvalue())
     assert (row["kind"], row["action"], row["value"], row["image_id"]) == (
         "flag_verdict", "confirm", "confirmed", catalogue.image)
+
+
+def test_rows_naming_a_detection_must_agree_with_their_listing_and_action(catalogue: Catalogue, tmp_path: Path) -> None:
+    c = catalogue
+    path = _write(tmp_path / "dets.csv", f"""\
+listing,image_id,kind,action,box,detection_id
+{c.other},,box,,,{c.detection}
+,{c.image},box,correct,,{c.detection}
+,{c.image},box,delete,1 2 3 4,{c.detection}
+,{c.image},box,add,1 2 3 4,{c.detection}
+,{c.image},box,move,1 2 3 4,{c.detection}
+""")
+    with transaction(c.url) as s:
+        report = labels.import_labels(s, path, "importer")
+    assert [str(r) for r in report.rejected] == [
+        f"line 2: detection {c.detection} is not on listing {c.other!r}",
+        "line 3: a corrected box needs its new coordinates x0 y0 x1 y1",
+        "line 4: a deleted box takes no coordinates",
+        "line 5: an added box is new: it takes no detection id (use correct)",
+        "line 6: a box is added, corrected or deleted, not 'move'",
+    ]
+    assert _count(c.url) == 0
