@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from worker.cli.common import cli_settings, ensure_schema, setup_logging
+from worker.cli.common import allow_local, cli_settings, ensure_schema, setup_logging
 
 
 @click.command("api")
@@ -15,8 +17,11 @@ from worker.cli.common import cli_settings, ensure_schema, setup_logging
 @click.option("--proxy-headers", is_flag=True,
               help="Trust X-Forwarded-For/-Proto from --forwarded-allow-ips (behind a TLS proxy).")
 @click.option("--forwarded-allow-ips", default="127.0.0.1", show_default=True)
+@click.option("--photos", "photo_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Also show photos read from this directory (besides CATALOG_FETCH_ALLOW_DIRS); "
+              "repeatable. The embedded database adds <data_dir>/demo-photos when it exists.")
 def api_cmd(host: str, port: int, secure_cookies: bool | None, proxy_headers: bool,
-            forwarded_allow_ips: str) -> None:
+            forwarded_allow_ips: str, photo_dirs: tuple[str, ...]) -> None:
     """Serve the HTTP API and the review pages.
 
     \b
@@ -34,6 +39,11 @@ def api_cmd(host: str, port: int, secure_cookies: bool | None, proxy_headers: bo
     settings = cli_settings()
     setup_logging(settings)
     ensure_schema(settings)
+    dirs = [str(Path(d).resolve()) for d in photo_dirs]
+    demo = settings.data_dir / "demo-photos"
+    if settings.database_url is None and demo.is_dir():  # `catalog demo` wrote its photos there
+        dirs.append(str(demo.resolve()))
+    settings = allow_local(settings, dirs)
     app = create_app(settings, secure_cookies=secure_cookies)
     uvicorn.run(app, host=host, port=port, proxy_headers=proxy_headers,
                 forwarded_allow_ips=forwarded_allow_ips, log_level=settings.log_level.lower())

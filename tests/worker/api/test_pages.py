@@ -61,3 +61,30 @@ def test_queue_page_orders_by_severity_and_history_shows_my_decision(client: Tes
     # n: claim the next flag -> its page
     nxt = client.post("/review/next", data={"csrf_token": csrf}, follow_redirects=False)
     assert nxt.status_code == 303 and nxt.headers["location"].startswith("/review/flags/")
+
+
+def test_listing_page_shows_detection_boxes_cutout_and_tags(client: TestClient, pg_url: str, reviewer,
+                                                            log_in) -> None:
+    external = f"ext-{uuid.uuid4().hex[:10]}"
+    with transaction(pg_url) as session:
+        listing = m.Listing(external_id=external, seller_id="s", title="red shoe", status="done")
+        session.add(listing)
+        session.flush()
+        img = m.Image(listing_id=listing.id, url="https://img.example/p.jpg", status="done", width=100, height=80)
+        session.add(img)
+        session.flush()
+        session.add(m.Detection(image_id=img.id, label="shoe", score=0.8, x0=1, y0=2, x1=50, y1=60,
+                                model_version="det@1"))
+        session.add(m.Tag(listing_id=listing.id, image_id=img.id, name="sneaker", score=0.7, source="tagging",
+                          model_version="tagger@1"))
+        art = m.ArtifactRecord(image_id=img.id, kind="cutout", path="/nowhere.png", model_version="seg@1")
+        session.add(art)
+        session.flush()
+        art_id = art.id
+    log_in(client, reviewer.name)
+    page = client.get(f"/review/listings/{external}")
+    assert page.status_code == 200
+    boxes = json.loads(page.text.split("data-boxes='")[1].split("'")[0].replace("&#34;", '"'))
+    assert boxes[0]["label"] == "shoe" and boxes[0]["box"] == [1.0, 2.0, 50.0, 60.0]
+    assert f"/api/v1/artifacts/{art_id}" in page.text and "tagger@1" in page.text
+    assert client.get("/review/listings/nope").status_code == 404

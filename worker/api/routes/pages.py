@@ -139,6 +139,27 @@ def flag_page(request: Request, who: Reviewer, flag_id: int, error: str | None =
                  error=error, held=flag.status == "claimed" and flag.claimed_by == who.name and not flag.claim_expired)
 
 
+@router.get("/listings/{external_id}")
+def listing_page(request: Request, who: Reviewer, external_id: str) -> HTMLResponse:
+    """A listing as the worker saw it: each photo with its detection boxes, its cutout, tags, flags."""
+    with tx(request) as session:
+        listing = session.execute(select(m.Listing).where(m.Listing.external_id == external_id)).scalar_one_or_none()
+        if listing is None:
+            raise HTTPException(404, f"no listing with id {external_id!r}")
+        images = []
+        for img in listing.images:
+            view = _image(session, img.id) or {}
+            view["tags"] = session.execute(select(m.Tag).where(m.Tag.image_id == img.id)
+                                           .order_by(m.Tag.score.desc())).scalars().all()
+            view["flags"] = queue.list_flags(session, listing_id=listing.id)
+            view["flags"] = [f for f in view["flags"] if f.image_id == img.id]
+            images.append(view)
+        info = {"external_id": listing.external_id, "seller_id": listing.seller_id, "title": listing.title,
+                "category": listing.category, "status": listing.status, "fraud_score": listing.fraud_score,
+                "fraud_decision": listing.fraud_decision}
+    return _page(request, "listing.html", who, listing=info, images=images)
+
+
 @router.post("/flags/{flag_id}/decide")
 def decide(request: Request, who: Reviewer, flag_id: int,
            verdict: Annotated[str, Form(max_length=16)], note: Annotated[str, Form(max_length=4000)] = "") -> Response:
