@@ -15,7 +15,6 @@ import pytest
 import redis as redis_lib
 
 from db.migrate import upgrade
-from tests.conftest import PG_URL_BASE, REDIS_URL, create_pg_database, drop_pg_database
 from tests.support.http import LocalImageServer
 from tests.support.images import (
     write_not_an_image,
@@ -24,6 +23,7 @@ from tests.support.images import (
     write_truncated_jpeg,
 )
 from tests.support.procs import Proc, catalog_env, run_catalog, wait_for
+from tests.support.services import PG_URL_BASE, REDIS_URL, create_pg_database, drop_pg_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 

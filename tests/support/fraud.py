@@ -21,7 +21,7 @@ from worker.pipeline.contract import ImageContext
 
 @contextlib.contextmanager
 def throwaway_pg(prefix: str = "fraud_test") -> Iterator[str]:
-    from tests.conftest import PG_URL_BASE, create_pg_database, drop_pg_database
+    from tests.support.services import PG_URL_BASE, create_pg_database, drop_pg_database
 
     name = create_pg_database(prefix)
     try:

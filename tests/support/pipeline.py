@@ -11,7 +11,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from db.session import session_factory
-from tests.conftest import unique
+from tests.support.services import unique
 from worker.config import Settings
 from worker.intake.events import parse_event
 from worker.pipeline.analyze import ImageOutcome, analyze_image

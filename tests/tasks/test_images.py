@@ -20,8 +20,8 @@ from db import models as m
 from db.migrate import upgrade
 from db.session import dispose_engines, session_factory
 from tasks.base import DatabaseTask
-from tests.conftest import unique
 from tests.support.pipeline import apply, event, photo
+from tests.support.services import unique
 from worker.config import get_settings
 from worker.pipeline.analyze import Claim, claim_image
 from worker.pipeline.lease import Holder

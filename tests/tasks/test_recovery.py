@@ -16,11 +16,11 @@ from pathlib import Path
 import psycopg2
 
 from db.migrate import upgrade
-from tests.conftest import PG_URL_BASE, create_pg_database, drop_pg_database, unique
 from tests.support.http import LocalImageServer
 from tests.support.images import write_photo
 from tests.support.pipeline import event
 from tests.support.procs import Proc, catalog_env, run_catalog, wait_for
+from tests.support.services import PG_URL_BASE, create_pg_database, drop_pg_database, unique
 
 LEASE_SECONDS = 10
 SWEEP_SECONDS = 1

@@ -14,9 +14,9 @@ from sqlalchemy import select
 
 from db import models as m
 from db.session import session_factory
-from tests.conftest import unique
 from tests.support.http import LocalImageServer
 from tests.support.images import write_photo
+from tests.support.services import unique
 from worker.config import Settings
 from worker.intake.events import parse_event
 from worker.pipeline.analyze import analyze_image

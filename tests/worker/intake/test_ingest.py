@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import REDIS_URL, unique
+from tests.support.services import REDIS_URL, unique
 from worker.config import Settings
 from worker.intake.events import MAX_EVENT_BYTES, MAX_EVENT_DEPTH, ListingEvent, parse_event
 from worker.intake.ingest import StreamIngestor

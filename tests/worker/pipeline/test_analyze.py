@@ -15,8 +15,8 @@ from sqlalchemy.pool import QueuePool
 
 from db import models as m
 from db.session import get_engine, session_factory
-from tests.conftest import unique
 from tests.support.pipeline import analyze_all, apply, count, event, photo
+from tests.support.services import unique
 from worker.config import Settings
 from worker.pipeline import registry, writers
 from worker.pipeline.analyze import analyze_image

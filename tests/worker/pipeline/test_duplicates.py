@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 from db import models as m
 from db.fraud_models import ImageHashBand
 from db.session import get_engine, session_factory
-from tests.conftest import unique
 from tests.support.fraud import add_image, step_context, stolen_copy
 from tests.support.pipeline import analyze_all, apply, event
+from tests.support.services import unique
 from worker.fraud.duplicates import DuplicatesStep
 from worker.pipeline import duplicates as pipeline_duplicates
 from worker.pipeline.contract import StepResult, StepRun

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from db import models as m
 from db.session import get_engine, session_factory
-from tests.conftest import unique
 from tests.support.pipeline import apply, count, event, photo
+from tests.support.services import unique
 from worker.intake.events import parse_event
 from worker.pipeline.events import apply_event
 

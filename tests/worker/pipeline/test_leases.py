@@ -13,8 +13,8 @@ from sqlalchemy import update
 
 from db import models as m
 from db.session import get_engine, session_factory
-from tests.conftest import unique
 from tests.support.pipeline import analyze_all, apply, event, photo
+from tests.support.services import unique
 from worker.config import load_settings
 from worker.io.load import load_image
 from worker.pipeline.analyze import Claim, ImageOutcome, _store, claim_image

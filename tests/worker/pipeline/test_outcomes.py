@@ -16,8 +16,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from db import models as m
 from db.session import session_factory
-from tests.conftest import unique
 from tests.support.pipeline import analyze_all, apply, event, photo
+from tests.support.services import unique
 from worker.config import Settings
 from worker.pipeline import registry, writers
 from worker.pipeline.analyze import analyze_image

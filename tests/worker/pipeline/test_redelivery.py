@@ -20,8 +20,8 @@ from sqlalchemy.orm import sessionmaker
 
 from db import models as m
 from db.session import get_engine, make_engine, session_factory
-from tests.conftest import unique
 from tests.support.pipeline import analyze_all, apply, event, photo
+from tests.support.services import unique
 from worker.config import Settings
 from worker.pipeline import registry
 from worker.pipeline.analyze import ImageOutcome, analyze_image

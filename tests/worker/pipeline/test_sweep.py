@@ -7,8 +7,8 @@ from pathlib import Path
 
 from db import models as m
 from db.session import session_factory
-from tests.conftest import unique
 from tests.support.pipeline import apply, event, photo
+from tests.support.services import unique
 from worker.pipeline.sweep import stale_images
 
 

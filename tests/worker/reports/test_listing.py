@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import unique
 from tests.support.pipeline import analyze_all, apply, event, photo
+from tests.support.services import unique
 from worker.cli.main import main
 from worker.config import Settings
 from worker.pipeline import registry

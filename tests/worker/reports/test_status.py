@@ -15,8 +15,8 @@ from sqlalchemy import update
 from db import models as m
 from db.migrate import upgrade
 from db.session import session_factory
-from tests.conftest import REDIS_URL, TrackingRedis
 from tests.support.pipeline import apply, event, photo
+from tests.support.services import REDIS_URL, TrackingRedis
 from worker.pipeline.analyze import claim_image
 from worker.pipeline.lease import Holder
 from worker.reports.status import UNACKED_INDEX_KEY, UNACKED_KEY, broker_status, database_status, render

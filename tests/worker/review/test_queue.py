@@ -160,7 +160,7 @@ def test_cli_list_claim_resolve(tmp_path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_most_serious_flag_is_claimed_first_when_weights_are_given(db_url: str) -> None:
     from db import models as m
     from db.session import session_factory
-    from tests.conftest import unique
+    from tests.support.services import unique
     from worker.review import queue
 
     factory = session_factory(db_url)
@@ -184,7 +184,7 @@ def test_most_serious_flag_is_claimed_first_when_weights_are_given(db_url: str) 
 def test_verdict_updates_the_listing_fraud_score(db_url: str, make_settings) -> None:
     from db import models as m
     from db.session import session_factory
-    from tests.conftest import unique
+    from tests.support.services import unique
     from worker.pipeline.store import update_fraud_score
     from worker.review import queue
 
