@@ -230,6 +230,18 @@ class Settings(BaseSettings):
         description="Trained category head (torch file: Linear(1280, n) state_dict + classes). "
         "When set it replaces the taxonomy map.",
     )
+    # --- retraining (worker/training, docs/training.md) ---------------------------------------
+    promote_margin: float = Field(
+        0.02, ge=0, le=1,
+        description="A retrained model is promoted only if better than the champion by this much on "
+        "the held-out labels (accuracy, or log loss for the fraud scorer) and no per-class recall "
+        "drops by more.",
+    )
+    retrain_schedule: str = Field(
+        "0 3 * * *",
+        description='When beat starts a retrain: crontab "minute hour day-of-month month '
+        'day-of-week" (UTC); empty = never.',
+    )
     detector: str = Field(
         "yolov3-tiny", description='Object detector: "yolov3-tiny" or "torchvision:<builder>".'
     )

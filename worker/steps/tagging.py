@@ -246,12 +246,27 @@ def tagging_model(settings: Settings) -> EfficientNetLite0:
     return model_for(settings, ("tagging",), EfficientNetLite0)
 
 
+#: Where promotion puts the champion category head (``worker.training.registry`` replaces it
+#: atomically on promote and rollback), relative to the model directory.
+CHAMPION_HEAD = Path("category-head") / "champion.pt"
+
+
+def head_path(settings: Settings) -> Path | None:
+    """The category head to use: ``CATALOG_CATEGORY_HEAD_PATH`` when set, else the promoted
+    champion file when one exists, else None (the taxonomy map). Checked per image with one
+    ``stat``, so a promotion or rollback reaches running workers at their next image."""
+    if settings.category_head_path:
+        return settings.category_head_path
+    champion = settings.effective_sr_model_dir / CHAMPION_HEAD
+    return champion if champion.is_file() else None
+
+
 def categoriser(settings: Settings) -> Categoriser:
     """The process-wide category scorer for these settings (head or taxonomy file)."""
-    head_path = settings.category_head_path
-    if head_path:
-        return get_shared(("category-head", *_file_key(head_path)),
-                          lambda: Categoriser(None, CategoryHead.load(head_path)))
+    head_path_ = head_path(settings)
+    if head_path_:
+        return get_shared(("category-head", *_file_key(head_path_)),
+                          lambda: Categoriser(None, CategoryHead.load(head_path_)))
     taxonomy_path = settings.taxonomy_path
     return get_shared(("taxonomy", *_file_key(taxonomy_path or DEFAULT_TAXONOMY)),
                       lambda: Categoriser(Taxonomy.load(taxonomy_path), None))
@@ -266,7 +281,7 @@ class TaggingStep:
 
     def version(self, settings: Settings) -> str:
         version = tagging_model(settings).version
-        if not settings.category_head_path:
+        if head_path(settings) is None:
             return version  # the taxonomy map is data, not a model: it has no version here
         head = self._categoriser(settings).head
         return f"{version}+{head.version}" if head is not None else version
