@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -116,7 +117,9 @@ def _image(session: Any, image_id: Any) -> dict[str, Any] | None:
     dets = session.execute(select(m.Detection).where(m.Detection.image_id == img.id)).scalars()
     arts = session.execute(select(m.ArtifactRecord).where(m.ArtifactRecord.image_id == img.id)).scalars()
     return {"id": img.id, "url": img.url, "width": img.width, "height": img.height,
-            "photo": f"/api/v1/images/{img.id}/photo", "created_at": img.created_at,
+            "photo": f"/api/v1/images/{img.id}/photo",
+            # SQLite hands back naive datetimes; every stored time is UTC.
+            "created_at": img.created_at.replace(tzinfo=img.created_at.tzinfo or UTC) if img.created_at else None,
             "seller_id": listing.seller_id if listing else None,
             "listing_external_id": listing.external_id if listing else None,
             "detections": [{"label": d.label, "score": round(d.score, 2), "box": [d.x0, d.y0, d.x1, d.y1]}
