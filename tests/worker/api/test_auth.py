@@ -179,3 +179,19 @@ def _listing(session: Any) -> int:
     session.add(listing)
     session.flush()
     return listing.id
+
+
+def test_session_cookie_is_secure_behind_https(api_settings, reviewer) -> None:
+    from worker.api.app import create_app
+
+    for app, base, secure in ((create_app(api_settings, secure_cookies=True), "https://testserver", True),
+                              (create_app(api_settings), "https://testserver", True),
+                              (create_app(api_settings), "http://testserver", False),
+                              (create_app(api_settings, secure_cookies=False), "https://testserver", False)):
+        with TestClient(app, base_url=base) as c:
+            page = c.get("/review/login")
+            token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+            answer = c.post("/review/login", data={"name": reviewer.name, "password": "correct horse battery",
+                                                   "csrf_token": token}, follow_redirects=False)
+            cookie = answer.headers["set-cookie"]
+            assert answer.status_code == 303 and ("; secure" in cookie.lower()) is secure, (base, cookie)
