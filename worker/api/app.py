@@ -46,23 +46,24 @@ class BodyLimit:
             await JSONResponse({"detail": "request body too large"}, 413)(scope, receive, send)
             return
         seen = 0
+        answered = False
+
+        async def guarded_send(message: Message) -> None:
+            if not answered:  # after our 413 the app's own answer (to the cut body) is dropped
+                await send(message)
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, answered
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
+            if seen > self.limit and not answered:
+                await JSONResponse({"detail": "request body too large"}, 413)(scope, receive, send)
+                answered = True
+            if answered:  # the app sees the client leave and stops reading
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await JSONResponse({"detail": "request body too large"}, 413)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, counted, guarded_send)
 
 
 class SecurityHeaders:

@@ -195,3 +195,15 @@ def test_session_cookie_is_secure_behind_https(api_settings, reviewer) -> None:
                                                    "csrf_token": token}, follow_redirects=False)
             cookie = answer.headers["set-cookie"]
             assert answer.status_code == 303 and ("; secure" in cookie.lower()) is secure, (base, cookie)
+
+
+def test_streamed_body_without_length_is_cut_at_the_limit(client: TestClient, reviewer) -> None:
+    def chunks():
+        yield b'{"verdict": "confirmed", "note": "'
+        for _ in range(200):
+            yield b"x" * 1024
+        yield b'"}'
+
+    answer = client.post("/api/v1/flags/1/resolve", content=chunks(),
+                         headers={**reviewer.headers, "Content-Type": "application/json"})
+    assert answer.status_code == 413
