@@ -24,6 +24,7 @@ QUEUES = ("ingest", "gpu", "cpu", "train")
 HANDLE_EVENT_TASK = "tasks.events.handle_event"
 ANALYZE_IMAGE_TASK = "tasks.images.analyze_image"
 REQUEUE_STALE_TASK = "tasks.maintenance.requeue_stale_images"
+RETRAIN_TASK = "tasks.training.retrain"
 
 ROUTES = {
     "tasks.events.*": {"queue": "ingest"},
@@ -34,7 +35,7 @@ ROUTES = {
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("catalog", include=["tasks.events", "tasks.images", "tasks.maintenance"])
+    app = Celery("catalog", include=["tasks.events", "tasks.images", "tasks.maintenance", "tasks.training"])
     broker_options: dict[str, object] = {
         "visibility_timeout": settings.visibility_timeout,
         "unacked_restore_interval": settings.restore_sweep_seconds,
@@ -79,9 +80,29 @@ def make_celery(settings: Settings) -> Celery:
                 "task": REQUEUE_STALE_TASK,
                 "schedule": 300.0,
             },
+            **retrain_schedule(settings),
         },
     )
     return app
+
+
+def retrain_schedule(settings: Settings) -> dict[str, dict[str, object]]:
+    """The beat entry of the periodic retrain (CATALOG_RETRAIN_SCHEDULE, a crontab line; empty:
+    none). Two beats sending it twice is harmless: the retrain runs under a lock and the
+    second one finds it held and does nothing."""
+    line = settings.retrain_schedule.strip()
+    if not line:
+        return {}
+    from celery.schedules import crontab
+
+    fields = line.split()
+    if len(fields) != 5:
+        raise ValueError(f"CATALOG_RETRAIN_SCHEDULE {line!r}: expected 5 crontab fields "
+                         "(minute hour day-of-month month day-of-week)")
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    schedule = crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
+                       day_of_week=day_of_week)
+    return {"retrain": {"task": RETRAIN_TASK, "schedule": schedule}}
 
 
 @worker_process_init.connect
