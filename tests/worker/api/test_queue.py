@@ -63,6 +63,7 @@ def test_many_concurrent_clients_never_get_the_same_flag(served: str, pg_url: st
     assert all(flag_id in got[str(holders[flag_id])] for flag_id in ids)
 
 
+@pytest.mark.slow  # ~3 s: 10 clients against a real server
 def test_concurrent_claims_of_one_specific_flag_have_one_winner(served: str, pg_url: str, make_user) -> None:
     _, (flag_id,) = _flags(pg_url, 1, f"one_{uuid.uuid4().hex[:6]}")
     users = [make_user("reviewer") for _ in range(10)]
