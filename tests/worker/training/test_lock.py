@@ -61,7 +61,7 @@ def test_two_threads_started_together_run_once(train_url: str, settings_for: Cal
 
 
 @pytest.mark.slow
-def test_two_cli_processes_on_postgres_run_once(pg_url: str, tmp_path: Path) -> None:
+def test_two_cli_processes_on_postgres_run_once(tmp_path: Path) -> None:
     from db.migrate import upgrade
     from tests.conftest import PG_URL_BASE, create_pg_database, drop_pg_database
 
@@ -71,10 +71,14 @@ def test_two_cli_processes_on_postgres_run_once(pg_url: str, tmp_path: Path) -> 
         upgrade(url)
         seed_catalogue(url, per_class=30)
         env = {**os.environ, "CATALOG_DATABASE_URL": url, "CATALOG_DATA_DIR": str(tmp_path / "data")}
-        # Both processes import everything first, then start the retrain at the same instant.
-        start = time.time() + 15
-        script = ("import sys, time; import worker.training.retrain; from worker.cli.main import main; "
-                  f"time.sleep(max(0.0, {start} - time.time())); main()")
+        # Both processes import everything first, then start the retrain at the same instant
+        # (a file barrier: each announces itself and waits for the other).
+        ready = tmp_path / "ready"
+        ready.mkdir()
+        script = ("import os, time, pathlib; import worker.training.retrain; from worker.cli.main import main; "
+                  f"d = pathlib.Path({str(ready)!r}); (d / str(os.getpid())).touch()\n"
+                  "while len(list(d.iterdir())) < 2: time.sleep(0.005)\n"
+                  "main()")
         cmd = [sys.executable, "-c", script, "retrain", "--now", "--what", "category"]
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for _ in range(2)]
