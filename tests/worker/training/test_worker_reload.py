@@ -108,7 +108,7 @@ def test_running_worker_switches_head_on_promote_and_rollback(deployment: dict) 
     _submit(d, "L2", photos[1])
     second = wait_for(partial(_category, d, "L2"), 120, "L2 analysed", procs)
     assert second[:2] == ("space posters", "category-head")  # type: ignore[index]
-    assert second[2].endswith(f"+category-head@{version}")  # type: ignore[index]  (the tag records the head)
+    assert second[2].endswith(f"+category-head@{version}")  # type: ignore[index]
 
     rolled = run_catalog(["models", "rollback", "category-head"], d["env"])
     assert rolled.returncode == 0, rolled.stderr
