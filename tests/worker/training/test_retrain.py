@@ -25,6 +25,7 @@ def _runs(url: str) -> list[m.TrainingRun]:
         return list(s.scalars(select(m.TrainingRun).order_by(m.TrainingRun.id)))
 
 
+@pytest.mark.slow  # trains heads; the first optimiser step of a process pays ~2 s of lazy imports
 def test_category_head_beats_zero_shot_is_promoted_and_used(train_url: str, settings_for: Callable[..., Settings],
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     seeded = seed_catalogue(train_url)
@@ -59,6 +60,7 @@ def test_category_head_beats_zero_shot_is_promoted_and_used(train_url: str, sett
         assert head.version == f"{version.name}@{version.version}"
 
 
+@pytest.mark.slow  # trains heads; the first optimiser step of a process pays ~2 s of lazy imports
 def test_worse_candidate_is_not_promoted_and_rollback_restores(train_url: str,
                                                                settings_for: Callable[..., Settings]) -> None:
     seed_catalogue(train_url)
