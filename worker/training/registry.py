@@ -134,6 +134,13 @@ def install(settings: Settings, name: str, source: Path | None) -> None:
         raise
 
 
+def _lock_model(session: Session, name: str) -> None:
+    """Serialise promotions and rollbacks of one model (two operators, or an operator and the
+    retrain): lock its rows until the transaction ends (Postgres; SQLite writes are serial)."""
+    session.execute(select(m.ModelVersion.id).where(m.ModelVersion.name == name)
+                    .order_by(m.ModelVersion.id).with_for_update()).all()
+
+
 def _verified(row: m.ModelVersion) -> Path:
     if not row.path or not Path(row.path).is_file():
         raise RegistryError(f"{row.name}@{row.version}: artifact {row.path} is missing")
@@ -147,6 +154,7 @@ def promote(session: Session, settings: Settings, row: m.ModelVersion) -> m.Mode
     previous champion. The file is replaced last, inside the caller's transaction, so a failed
     copy leaves both the rows and the workers on the old champion."""
     path = _verified(row)
+    _lock_model(session, row.name)
     previous = champion(session, row.name)
     if previous is not None and previous.id == row.id:
         install(settings, row.name, path)  # already champion: repair the file if needed
@@ -164,6 +172,7 @@ def rollback(session: Session, settings: Settings, name: str) -> tuple[m.ModelVe
     """Retire the champion of ``name`` and restore the champion before it (the retired version
     promoted most recently before it); with none, the champion file is removed and workers fall
     back to the zero-shot map / fixed weights. Returns (retired, restored or None)."""
+    _lock_model(session, name)
     current = champion(session, name)
     if current is None:
         raise RegistryError(f"{name} has no champion to roll back")
