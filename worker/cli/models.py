@@ -14,7 +14,8 @@ from worker.config import get_settings
 
 @click.group("models")
 def models() -> None:
-    """Install and inspect model weights (nothing is downloaded at run time)."""
+    """Install model weights (nothing is downloaded at run time) and manage retrained versions:
+    list, show, promote, rollback (docs/training.md)."""
 
 
 @models.command("import")
