@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CATALOG_"
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path(".catalog"),
         description="Directory for the embedded database, broker queue and artifacts.",
+    )
+    api_secret: SecretStr | None = Field(
+        None,
+        description="Key that signs review-service login sessions (32+ random bytes; the same in every "
+        "`catalog api` process). Unset: each process makes its own, so logins end on restart.",
     )
     database_url: str | None = Field(
         None,
@@ -400,12 +406,28 @@ def _describe(error: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read and validate settings; raise ConfigError naming each bad variable."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def redact_url(value: str) -> str:
+    """``value`` with the password of a URL replaced by ``***`` (for output and logs)."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    if parts.password is None:
+        return value
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 @functools.lru_cache(maxsize=1)

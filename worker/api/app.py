@@ -8,7 +8,6 @@ when one is configured). Everything else needs a bearer token or a login session
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -101,7 +100,8 @@ def create_app(settings: Settings, *, secret: bytes | None = None, secure_cookie
     service sits behind https); by default it follows the request's scheme."""
     from worker.api.routes import admin, files, flags, labels, listings, pages
 
-    key = secret or os.environ.get(SECRET_ENV, "").encode() or secrets.token_bytes(32)
+    configured = settings.api_secret.get_secret_value().encode() if settings.api_secret else b""
+    key = secret or configured or secrets.token_bytes(32)
     app = FastAPI(title="catalog-worker review service", version="1",
                   description="Listings, analysis results, the fraud-flag queue and reviewers' decisions. "
                   "Authenticate with `Authorization: Bearer <token>` (`catalog users token NAME`).")

@@ -7,7 +7,7 @@ import json
 import click
 
 from worker.cli.common import cli_settings, setup_logging
-from worker.config import ENV_PREFIX, Settings
+from worker.config import ENV_PREFIX, Settings, redact_url
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -31,12 +31,14 @@ def config_cmd(as_json: bool) -> None:
     settings = cli_settings()
     rows = []
     for name, field in Settings.model_fields.items():
-        value = getattr(settings, name)
+        value = getattr(settings, name)  # a SecretStr prints as '**********'
+        if isinstance(value, str):
+            value = redact_url(value)  # passwords in URLs never reach the output
         rows.append((f"{ENV_PREFIX}{name.upper()}", value, field.description or ""))
     derived = {
-        "database": settings.effective_database_url,
-        "broker": settings.effective_broker_url,
-        "redis (events)": settings.effective_redis_url,
+        "database": redact_url(settings.effective_database_url),
+        "broker": redact_url(settings.effective_broker_url),
+        "redis (events)": redact_url(settings.effective_redis_url),
         "artifacts": str(settings.effective_artifact_dir),
     }
     if as_json:

@@ -199,3 +199,15 @@ def test_allow_local_adds_paths_once() -> None:
     wider = allow_local(settings, ["/srv/a", "/srv/b.jpg"])
     assert wider.fetch_allow_dirs == ["/srv/a", "/srv/b.jpg"] and settings.fetch_allow_dirs == []
     assert allow_local(wider, ["/srv/a"]) is wider
+
+
+def test_config_never_prints_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_DATABASE_URL", "postgresql+psycopg2://app:s3cret-db@db.internal:5432/catalog")
+    monkeypatch.setenv("CATALOG_BROKER_URL", "redis://:hunter2-redis@redis.internal:6379/0")
+    monkeypatch.setenv("CATALOG_API_SECRET", "api-signing-key-0123456789abcdef")
+    for args in (["config"], ["config", "--json"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        for secret in ("s3cret-db", "hunter2-redis", "api-signing-key"):
+            assert secret not in result.output
+        assert "app:***@db.internal:5432" in result.output
