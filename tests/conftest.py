@@ -34,7 +34,6 @@ from tests.support.services import (
     create_pg_database,
     drop_pg_database,
 )
-from tests.support.services import unique as unique  # old spelling `from tests.support.services import unique`
 from worker.config import Settings, load_settings, reset_settings
 
 # --- markers ------------------------------------------------------------------------------

@@ -194,8 +194,9 @@ def _share_cores(settings: Settings, args: list[str]) -> Settings:
     return cli_settings()
 
 
-@_passthrough("beat", """Start the periodic scheduler (stale-image sweeper, and the retrain
-schedule once it exists); extra arguments go to `celery beat`. Run exactly one per deployment.""")
+@_passthrough("beat", """Start the periodic scheduler: the stale-image sweep, and the retrain of the
+learnt models on CATALOG_RETRAIN_SCHEDULE (crontab, UTC; default nightly at 03:00, queue train).
+Extra arguments go to `celery beat`. Run exactly one per deployment.""")
 @click.pass_context
 def beat_cmd(ctx: click.Context) -> None:
     settings = cli_settings()

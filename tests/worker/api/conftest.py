@@ -8,7 +8,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,22 +16,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from db.session import transaction
+from tests.support.api import PASSWORD, User, login
 from worker.api import auth
 from worker.api.app import create_app
 from worker.config import Settings
-
-PASSWORD = "correct horse battery"
-
-
-@dataclass
-class User:
-    name: str
-    role: str
-    token: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
 
 
 @pytest.fixture
@@ -80,15 +67,6 @@ def admin(make_user: Callable[..., User]) -> User:
     return make_user("admin")
 
 
-def login(client: TestClient, name: str, password: str = PASSWORD) -> str:
-    """Log in through the form; returns the session's CSRF token (read from a page)."""
-    page = client.get("/review/login")
-    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
-    answer = client.post("/review/login", data={"name": name, "password": password, "csrf_token": token},
-                         follow_redirects=False)
-    assert answer.status_code == 303 and answer.headers["location"] == "/review", answer.text
-    queue_page = client.get("/review")
-    return queue_page.text.split('name="csrf_token" value="')[1].split('"')[0]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from db import models as m
 from db.session import transaction
-from tests.worker.labels.conftest import Catalogue, catalogue  # noqa: F401  (the fixture)
+from tests.support.labels import Catalogue, catalogue  # noqa: F401  (the fixture)
 from worker.cli.main import main
 from worker.config import reset_settings
 

@@ -13,7 +13,7 @@ from sqlalchemy import delete, func, select
 
 from db import models as m
 from db.session import transaction
-from tests.worker.labels.conftest import Catalogue
+from tests.support.labels import Catalogue
 from worker import labels
 from worker.labels.io import export_rows
 

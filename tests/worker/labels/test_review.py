@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from db import models as m
 from db.session import transaction
-from tests.worker.labels.conftest import Catalogue
+from tests.support.labels import Catalogue
 from worker import labels
 from worker.config import load_settings
 from worker.labels.store import split_for

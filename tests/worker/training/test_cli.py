@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.support.training import seed_catalogue
 from worker.cli.main import main
 from worker.config import reset_settings
-
-from .conftest import seed_catalogue
 
 pytestmark = pytest.mark.slow  # trains heads through the CLI (several seconds on 2 cores)
 

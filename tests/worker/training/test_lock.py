@@ -17,10 +17,9 @@ from sqlalchemy import func, select
 
 from db import models as m
 from db.session import transaction
+from tests.support.training import seed_catalogue
 from worker.config import Settings
 from worker.training import registry, retrain
-
-from .conftest import seed_catalogue
 
 
 def test_lock_is_exclusive_while_held(train_url: str, settings_for: Callable[..., Settings]) -> None:
@@ -63,7 +62,7 @@ def test_two_threads_started_together_run_once(train_url: str, settings_for: Cal
 @pytest.mark.slow
 def test_two_cli_processes_on_postgres_run_once(tmp_path: Path) -> None:
     from db.migrate import upgrade
-    from tests.conftest import PG_URL_BASE, create_pg_database, drop_pg_database
+    from tests.support.services import PG_URL_BASE, create_pg_database, drop_pg_database
 
     name = create_pg_database("train_lock")
     url = f"{PG_URL_BASE}/{name}"

@@ -12,12 +12,11 @@ from sqlalchemy import select
 
 from db import models as m
 from db.session import transaction
+from tests.support.training import CATEGORIES, seed_catalogue, seed_verdicts
 from worker.config import Settings
 from worker.steps.tagging import CategoryHead, categoriser, head_path
 from worker.training import registry
 from worker.training.retrain import decide_category, decide_fraud, run_retrain
-
-from .conftest import CATEGORIES, seed_catalogue, seed_verdicts
 
 
 def _runs(url: str) -> list[m.TrainingRun]:
