@@ -248,6 +248,11 @@ class Settings(BaseSettings):
         description='When beat starts a retrain: crontab "minute hour day-of-month month '
         'day-of-week" (UTC); empty = never.',
     )
+    backfill_after_promote: bool = Field(
+        False,
+        description="After a retrain promotes a model, enqueue `catalog backfill --model NAME` for it "
+        "(re-analyses images analysed with an older version; train queue).",
+    )
     detector: str = Field(
         "yolov3-tiny", description='Object detector: "yolov3-tiny" or "torchvision:<builder>".'
     )
