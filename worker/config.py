@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(
         None, description="Where cutouts and enhanced images are written. Default <data_dir>/artifacts."
     )
+    thumbnail_side: int = Field(
+        640, ge=32, le=4096,
+        description="Longest side, pixels, of the JPEG thumbnail the metadata step stores for every photo "
+        "(what the review pages show; never upscaled).",
+    )
 
     # --- messaging -----------------------------------------------------------------
     broker_url: str | None = Field(
