@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 ENV_PREFIX = "CATALOG_"
 
@@ -30,12 +39,56 @@ DEFAULT_STEPS = (
 )
 
 
+#: The flag kinds a listing's fraud score weighs (CATALOG_FRAUD_WEIGHTS keys).
+FRAUD_FLAG_KINDS = ("duplicate_image", "contact_info", "nsfw", "tampered", "category_mismatch", "low_quality")
+
+#: Settings that may be read from a file named by ``CATALOG_<NAME>_FILE`` (Docker/Kubernetes secrets).
+SECRET_FILE_FIELDS = ("database_url", "broker_url", "redis_url", "api_secret")
+
+
 class ConfigError(RuntimeError):
     """A configuration value is missing or invalid; the message names the variable."""
 
 
+class _SecretFilesSource(PydanticBaseSettingsSource):
+    """Values of :data:`SECRET_FILE_FIELDS` read from the files ``CATALOG_<NAME>_FILE`` names
+    (the file's content, trailing newline stripped), so secrets need not sit in the environment."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads every field at once
+
+    def __call__(self) -> dict[str, Any]:
+        environ = {key.upper(): value for key, value in os.environ.items()}
+        values: dict[str, Any] = {}
+        for name in SECRET_FILE_FIELDS:
+            var = f"{ENV_PREFIX}{name.upper()}"
+            path = environ.get(f"{var}_FILE")
+            if not path:
+                continue
+            if environ.get(var):
+                raise ConfigError(f"{var} and {var}_FILE are both set: keep only one of them")
+            try:
+                values[name] = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(f"{var}_FILE: cannot read {path} ({exc.strerror or exc})") from None
+        return values
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # After the environment: a variable and its _FILE twin never both apply (refused above).
+        return (init_settings, env_settings, _SecretFilesSource(settings_cls), dotenv_settings,
+                file_secret_settings)
 
     # --- storage -------------------------------------------------------------------
     data_dir: Path = Field(
@@ -200,7 +253,7 @@ class Settings(BaseSettings):
         description="Share of reviewed labels held out for evaluating retrained models (fixed per "
         "image when its first label is stored).",
     )
-    fraud_weights: dict[str, float] = Field(
+    fraud_weights: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=lambda: {
             "duplicate_image": 0.6, "contact_info": 0.5, "nsfw": 0.7, "tampered": 0.15,
             "category_mismatch": 0.25, "low_quality": 0.05,
@@ -335,8 +388,52 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_db_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("sqlite", "postgresql")):
+        if value is None:
+            return value
+        # A driver-less Postgres URL would make SQLAlchemy import psycopg (v3), which is not
+        # installed: use the psycopg2 driver the project ships with.
+        for bare in ("postgresql://", "postgres://"):
+            if value.startswith(bare):
+                return "postgresql+psycopg2://" + value[len(bare):]
+        if not value.startswith(("sqlite", "postgresql")):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg2:// URL")
+        return value
+
+    @field_validator("fraud_weights", mode="before")
+    @classmethod
+    def _parse_fraud_weights(cls, value: object) -> object:
+        # Decoded here rather than by the settings source so that bad JSON is reported as
+        # this field's error, naming CATALOG_FRAUD_WEIGHTS.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON object of flag kind -> weight ({exc})") from None
+        return value
+
+    @field_validator("fraud_weights")
+    @classmethod
+    def _check_fraud_kinds(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(FRAUD_FLAG_KINDS))
+        if unknown:
+            raise ValueError(f"unknown flag kind(s) {', '.join(unknown)}; valid kinds: {', '.join(FRAUD_FLAG_KINDS)}")
+        return value
+
+    @field_validator("detector")
+    @classmethod
+    def _check_detector(cls, value: str) -> str:
+        return _check_model_name(value, "yolov3-tiny")
+
+    @field_validator("segmenter")
+    @classmethod
+    def _check_segmenter(cls, value: str) -> str:
+        return _check_model_name(value, "u2netp")
+
+    @field_validator("taxonomy_path", "category_head_path", "detector_checkpoint", "segmenter_checkpoint")
+    @classmethod
+    def _check_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
         return value
 
     @model_validator(mode="after")
@@ -406,11 +503,24 @@ def parse_allow_entry(entry: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv
         raise ValueError(f"{entry!r} is not an IP, CIDR or IP:port") from exc
 
 
+def _check_model_name(value: str, builtin: str) -> str:
+    if value == builtin or (value.startswith("torchvision:") and value.partition(":")[2].strip()):
+        return value
+    raise ValueError(f"unknown model {value!r}; use {builtin!r} or 'torchvision:<builder>'")
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         if item["loc"]:
-            lines.append(f"{ENV_PREFIX}{str(item['loc'][0]).upper()}: {item['msg']} (got {item.get('input')!r})")
+            field = str(item["loc"][0])
+            shown = item.get("input")
+            if field == "api_secret":
+                shown = "**********"
+            elif isinstance(shown, str):
+                shown = redact_url(shown)  # a refused URL may still carry a password
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{ENV_PREFIX}{field.upper()}: {message} (got {shown!r})")
         else:
             lines.append(item["msg"].removeprefix("Value error, "))
     return "invalid configuration:\n  " + "\n  ".join(lines)
@@ -422,6 +532,11 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:  # a complex value the environment source could not decode
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = f"{ENV_PREFIX}{match.group(1).upper()}" if match else "settings"
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"invalid configuration:\n  {name}: {cause}") from None
 
 
 def redact_url(value: str) -> str:
