@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -28,10 +29,13 @@ from sqlalchemy.orm import Session
 
 from db import models as m
 from worker.config import Settings
-from worker.fraud.score import FraudScore, fraud_score_for_settings
+from worker.fraud.score import FraudScore
 from worker.io.hashing import to_signed64
 from worker.io.load import LoadedImage
 from worker.pipeline.contract import StepRun
+from worker.training.champions import champion_fraud_score
+
+log = logging.getLogger(__name__)
 
 # Tables holding one image's results, replaced as a whole when the image is analysed again.
 RESULT_TABLES = (m.Tag, m.Detection, m.StepRunRecord, m.ArtifactRecord, m.Embedding)
@@ -165,10 +169,14 @@ def finish_listing_if_complete(session: Session, listing_id: int, settings: Sett
 
 def listing_fraud_score(session: Session, listing_id: int, settings: Settings) -> FraudScore:
     """Read the flags of all the listing's images and combine them (the pure rules are in
-    worker/fraud/score.py)."""
+    worker/fraud/score.py) with the fraud-scorer champion's learnt weights when one is promoted,
+    else CATALOG_FRAUD_WEIGHTS (worker/training/champions.py). The listings table has no column
+    for the weights' version, so it is logged with the score."""
     session.flush()
     flags = session.execute(select(m.Flag).where(m.Flag.listing_id == listing_id)).scalars().all()
-    return fraud_score_for_settings(flags, settings)
+    result, version = champion_fraud_score(flags, settings)
+    log.info("listing %s: fraud score %.4f (%s) with %s", listing_id, result.score, result.decision, version)
+    return result
 
 
 def update_fraud_score(session: Session, listing: m.Listing, settings: Settings) -> None:

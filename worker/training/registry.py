@@ -31,11 +31,12 @@ from db.session import get_engine
 from worker.config import Settings
 from worker.models.weights import file_sha256
 from worker.steps.tagging import CHAMPION_HEAD
+from worker.training.champions import FRAUD_CHAMPION
 
 CATEGORY_HEAD = "category-head"
 FRAUD_SCORER = "fraud-scorer"
 #: Champion file of each model the retrain produces, relative to the model directory.
-CHAMPION_FILES = {CATEGORY_HEAD: CHAMPION_HEAD, FRAUD_SCORER: Path(FRAUD_SCORER) / "champion.json"}
+CHAMPION_FILES = {CATEGORY_HEAD: CHAMPION_HEAD, FRAUD_SCORER: FRAUD_CHAMPION}
 #: Advisory lock key of the retrain (any constant both processes agree on).
 RETRAIN_LOCK_KEY = zlib.crc32(b"catalog-worker retrain")
 
