@@ -134,12 +134,16 @@ class StreamIngestor:
     def run(self, burst: bool = False, max_events: int | None = None) -> IngestStats:
         """Consume until stopped (SIGTERM/SIGINT), or, with ``burst``, until the stream has
         nothing new and nothing pending. Outside burst mode a lost Redis or broker connection
-        is logged and retried with backoff instead of ending the process."""
-        self.ensure_group()
+        is logged and retried with backoff instead of ending the process -- at start-up too,
+        so a Redis that comes up after `catalog ingest` is waited for."""
         log.info("ingest: stream=%s group=%s consumer=%s", self.stream, self.group, self.consumer)
         backoff = 0.0
+        group_ready = False
         while not self._stop:
             try:
+                if not group_ready:
+                    self.ensure_group()
+                    group_ready = True
                 handled = self._reclaim()
                 self._cleanup_consumers_when_due()
                 handled += self._read_new(block_ms=200 if burst else self.block_ms)

@@ -257,3 +257,35 @@ def test_continuous_mode_survives_a_broker_outage(redis_client, stream_settings,
     # The failed entry stays pending and is claimed again once idle (1 s here).
     stats = ingestor.run(max_events=1)
     assert published == ["outage"] and stats.queued == 1
+
+
+def test_continuous_mode_waits_for_redis_at_start_up(redis_client, stream_settings, monkeypatch) -> None:
+    """Redis down when `catalog ingest` starts: the group creation is retried with backoff
+    (issue 13) instead of the process ending with a traceback."""
+    s = stream_settings
+    redis_client.xadd(s.events_stream, {"event": good_event("late")})
+    real_create = redis_client.xgroup_create
+    attempts: list[int] = []
+    delays: list[float] = []
+
+    def down_twice(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(1)
+        if len(attempts) <= 2:
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(redis_client, "xgroup_create", down_twice)
+    monkeypatch.setattr("worker.intake.ingest.time.sleep", delays.append)
+    published: list[str] = []
+    ingestor = StreamIngestor(redis_client, s, lambda e: published.append(e.event_id), consumer="c",
+                              block_ms=100)
+    stats = ingestor.run(max_events=1)
+    assert len(attempts) == 3 and delays == [1.0, 2.0]
+    assert published == ["late"] and stats.queued == 1
+
+
+def test_burst_mode_still_fails_at_once_when_redis_is_down(stream_settings) -> None:
+    client = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    ingestor = StreamIngestor(client, stream_settings, lambda e: None, consumer="c")
+    with pytest.raises(redis.ConnectionError):
+        ingestor.run(burst=True)
