@@ -80,3 +80,16 @@ def seed_verdicts(url: str, *, n: int = 300, seed: int = 0, heldout_percent: int
             s.add(m.Label(image_id=image.id, kind="flag_verdict", action="confirm" if confirmed else "reject",
                           name=kind, value="confirmed" if confirmed else "dismissed", flag_id=flag.id,
                           source="review", reviewer="bob", split=split_for(image.id, None, heldout_percent)))
+
+
+#: The material of each seeded category: an attribute the embeddings' clusters make learnable.
+MATERIAL = {"bags": "leather", "shoes": "canvas", "watches": "metal", "vinyl-records": "vinyl"}
+
+
+def seed_attribute_labels(url: str, images: dict[int, str], *, name: str = "material",
+                          heldout_percent: int = 30) -> None:
+    """One reviewed ``attribute`` label per seeded image: ``name`` = MATERIAL[its category]."""
+    with transaction(url) as s:
+        for image_id, category in images.items():
+            s.add(m.Label(image_id=image_id, kind="attribute", action="set", name=name, value=MATERIAL[category],
+                          source="import", reviewer="shop", split=split_for(image_id, None, heldout_percent)))

@@ -13,8 +13,8 @@ from worker.cli.common import cli_settings, ensure_schema
 @click.command("retrain")
 @click.option("--now", is_flag=True, required=True,
               help="Run the retrain here and now (beat runs it on CATALOG_RETRAIN_SCHEDULE).")
-@click.option("--what", "what", multiple=True, type=click.Choice(["category", "fraud", "detector"]),
-              help="What to retrain (repeatable; default: category and fraud).")
+@click.option("--what", "what", multiple=True, type=click.Choice(["category", "fraud", "attribute", "detector"]),
+              help="What to retrain (repeatable; default: category, fraud and attribute heads).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run reports as JSON.")
 def retrain_cmd(now: bool, what: tuple[str, ...], as_json: bool) -> None:
     """Retrain from the reviewed labels, compare each candidate with its champion on the

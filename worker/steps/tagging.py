@@ -9,11 +9,18 @@ Catalog categories come from an editable taxonomy (``worker/data/taxonomy.yaml``
 category lists ImageNet classes and scores as the sum of their probabilities. A trained head
 (``CATALOG_CATEGORY_HEAD_PATH``: a ``Linear(1280, n)`` state_dict plus its class list) replaces
 the map when configured.
+
+Attribute heads (material, pattern, style...: ``<models>/attribute-head-<name>/champion.pt``,
+same file format, promoted by the retrain) add one tag ``<name>:<value>`` each, source
+``attribute-head``; the step's version names every head in use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +279,66 @@ def categoriser(settings: Settings) -> Categoriser:
                       lambda: Categoriser(Taxonomy.load(taxonomy_path), None))
 
 
+# --- attribute heads ------------------------------------------------------------------------
+
+#: Model-directory entries ``attribute-head-<name>`` hold the champion head of one attribute.
+ATTRIBUTE_PREFIX = "attribute-head-"
+#: ``step_runs.model_version`` and ``tags.model_version`` are VARCHAR(128).
+MAX_VERSION = 128
+
+
+@dataclass(frozen=True)
+class AttributeHead:
+    """The promoted head of one attribute (``name``): classes are its values."""
+
+    name: str
+    head: CategoryHead  # same file format; its version is rewritten to attribute-head-<name>@<digest>
+
+    @property
+    def version(self) -> str:
+        return self.head.version
+
+
+def attribute_head_paths(settings: Settings) -> list[tuple[str, Path]]:
+    """(attribute, champion file) of every promoted attribute head, by name. One directory
+    listing plus one ``stat`` per attribute per image: promotions and rollbacks reach running
+    workers at their next image, like the category head."""
+    root = settings.effective_sr_model_dir
+    try:
+        entries = sorted(e.name for e in os.scandir(root) if e.name.startswith(ATTRIBUTE_PREFIX))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        champion = root / entry / "champion.pt"
+        if champion.is_file():
+            found.append((entry[len(ATTRIBUTE_PREFIX):], champion))
+    return found
+
+
+def _load_attribute_head(name: str, path: Path) -> AttributeHead:
+    head = CategoryHead.load(path)
+    version = f"{ATTRIBUTE_PREFIX}{name}@{head.version.rsplit('@', 1)[1]}"
+    return AttributeHead(name, dataclasses.replace(head, version=version))
+
+
+def attribute_heads(settings: Settings) -> list[AttributeHead]:
+    """The process-wide attribute heads in use now (reloaded when a champion file changes)."""
+    return [get_shared(("attribute-head", name, *_file_key(path)),
+                       functools.partial(_load_attribute_head, name, path))
+            for name, path in attribute_head_paths(settings)]
+
+
+def with_head_versions(base: str, versions: Sequence[str]) -> str:
+    """``base+v1+v2...``; when that would not fit the 128-character version columns, the heads
+    are named by one digest (``+attribute-heads@<8 hex>``) and the step output lists them all."""
+    full = "+".join([base, *versions])
+    if len(full) <= MAX_VERSION:
+        return full
+    digest = hashlib.sha256("+".join(versions).encode()).hexdigest()[:8]
+    return f"{base}+attribute-heads@{digest}"
+
+
 class TaggingStep:
     """ImageNet labels, catalog categories and the image embedding. Keeps no state: the
     model and the category scorer come from the runtime registry for the task's settings."""
@@ -281,10 +348,18 @@ class TaggingStep:
 
     def version(self, settings: Settings) -> str:
         version = tagging_model(settings).version
-        if head_path(settings) is None:
-            return version  # the taxonomy map is data, not a model: it has no version here
-        head = self._categoriser(settings).head
-        return f"{version}+{head.version}" if head is not None else version
+        if head_path(settings) is not None:  # the taxonomy map is data, not a model: no version here
+            head = self._categoriser(settings).head
+            version = f"{version}+{head.version}" if head is not None else version
+        heads = self._attribute_heads(settings)
+        # category head first, then attributes: backbone_of() still splits at the first "+"
+        return with_head_versions(version, [h.version for h in heads]) if heads else version
+
+    def _attribute_heads(self, settings: Settings) -> list[AttributeHead]:
+        try:
+            return attribute_heads(settings)
+        except (ModelUnavailable, OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise StepUnavailable(f"attribute head: {exc}") from exc
 
     def _categoriser(self, settings: Settings) -> Categoriser:
         try:
@@ -297,10 +372,12 @@ class TaggingStep:
     def run(self, ctx: ImageContext) -> StepResult:
         settings = ctx.settings
         scorer = self._categoriser(settings)
+        attributes = self._attribute_heads(settings)
         result = tagging_model(settings).infer(ctx.image)
-        return self.to_step_result(result, settings, scorer)
+        return self.to_step_result(result, settings, scorer, attributes)
 
-    def to_step_result(self, result: Tagging, settings: Settings, scorer: Categoriser) -> StepResult:
+    def to_step_result(self, result: Tagging, settings: Settings, scorer: Categoriser,
+                       attributes: Sequence[AttributeHead] = ()) -> StepResult:
         tags = [
             Tag(label, round(score, 4), "imagenet")
             for label, score in result.top_labels(settings.tagging_top_k)
@@ -310,6 +387,12 @@ class TaggingStep:
         tags += [Tag(name, round(score, 4), source) for name, score in categories
                  if score >= settings.category_min_score]
         best_name, best_score = categories[0]
+        found: dict[str, dict[str, Any]] = {}
+        for attr in attributes:  # one tag per attribute: its most likely value
+            value, score = attr.head.scores(result.embedding)[0]
+            tags.append(Tag(f"{attr.name}:{value}", round(score, 4), "attribute-head"))
+            found[attr.name] = {"value": value, "score": round(score, 4), "version": attr.version}
+        data_extra = {"attributes": found} if found else {}
         return StepResult(
             tags=tags,
             embedding=result.embedding,
@@ -319,5 +402,6 @@ class TaggingStep:
                 "category": {"name": best_name, "score": round(best_score, 4), "source": source,
                              "confident": best_score >= settings.category_min_score},
                 "top": [{"label": label, "score": round(score, 4)} for label, score in result.top_labels(3)],
+                **data_extra,
             },
         )

@@ -81,11 +81,13 @@ def category_targets(session: Session) -> dict[int, tuple[str, str]]:
     return targets
 
 
-def load_dataset(session: Session) -> Dataset | str:
-    """The training data, or the reason there is none worth training on."""
-    targets = category_targets(session)
+def load_dataset(session: Session, targets: dict[int, tuple[str, str]] | None = None,
+                 what: str = "category") -> Dataset | str:
+    """The training data (``targets``: image id -> (class, split); default the category
+    labels), or the reason there is none worth training on."""
+    targets = category_targets(session) if targets is None else targets
     if not targets:
-        return "no reviewed category labels"
+        return f"no reviewed {what} labels"
     rows = session.execute(select(m.Embedding.image_id, m.Embedding.model_version, m.Embedding.vector,
                                   m.Embedding.dim)
                            .where(m.Embedding.image_id.in_(list(targets)), m.Embedding.dim == DIM)
@@ -118,7 +120,7 @@ def load_dataset(session: Session) -> Dataset | str:
 
 def train_head(x: np.ndarray, y: np.ndarray, n_classes: int, *, seed: int = 0, max_epochs: int = 400,
                patience: int = 40, val_share: float = 0.15,
-               progress: bool = False) -> tuple[torch.nn.Linear, dict[str, Any]]:
+               progress: bool = False, desc: str = "category") -> tuple[torch.nn.Linear, dict[str, Any]]:
     """Fit the head; early stopping on a validation slice of the train split (at least one
     example, only when there are enough), keeping the weights of the best validation loss."""
     gen = torch.Generator().manual_seed(seed)
@@ -139,7 +141,7 @@ def train_head(x: np.ndarray, y: np.ndarray, n_classes: int, *, seed: int = 0, m
     scale = 16.0
     best: tuple[float, dict[str, torch.Tensor], int] | None = None
     epoch = 0
-    for epoch in tqdm(range(1, max_epochs + 1), desc="category head", disable=not progress, unit="epoch"):
+    for epoch in tqdm(range(1, max_epochs + 1), desc=desc, disable=not progress, unit="epoch"):
         head.train()
         optim.zero_grad()
         loss = loss_fn(head(fx * scale), fy)
@@ -207,19 +209,29 @@ class CategoryOutcome:
     training: dict[str, Any]
 
 
+def majority_predictions(data: Dataset) -> list[str | None]:
+    """The baseline of a head with no champion and no zero-shot map (attribute heads): always
+    the most common class of the train split."""
+    top = int(np.bincount(data.train_y, minlength=len(data.classes)).argmax())
+    return [data.classes[top]] * len(data.held_y)
+
+
 def train_category(session: Session, out_dir: Path, champion_path: Path | None, *, seed: int = 0,
-                   shuffle_labels: bool = False, progress: bool = False) -> CategoryOutcome | str:
+                   shuffle_labels: bool = False, progress: bool = False,
+                   targets: dict[int, tuple[str, str]] | None = None, what: str = "category") -> CategoryOutcome | str:
     """Train a candidate head into ``out_dir`` and score it and the baseline on the held-out
     labels; a str is the reason nothing was trained. ``shuffle_labels`` trains on permuted
-    targets (a deliberately worse candidate, for testing the promotion rule)."""
-    data = load_dataset(session)
+    targets (a deliberately worse candidate, for testing the promotion rule). With ``targets``
+    (an attribute's labels) the baseline without a champion is the majority class instead of
+    the zero-shot taxonomy map."""
+    data = load_dataset(session, targets, what)
     if isinstance(data, str):
         return data
     y = data.train_y
     if shuffle_labels:
         y = np.random.default_rng(seed).permutation(y)
     started = time.monotonic()
-    head, info = train_head(data.train_x, y, len(data.classes), seed=seed, progress=progress)
+    head, info = train_head(data.train_x, y, len(data.classes), seed=seed, progress=progress, desc=what)
     info["seconds"] = round(time.monotonic() - started, 2)
     truth = [data.classes[k] for k in data.held_y]
     candidate = evaluate(head_predictions(head, data.classes, data.held_x), truth, data.classes)
@@ -227,7 +239,11 @@ def train_category(session: Session, out_dir: Path, champion_path: Path | None, 
     if champion_path is not None:
         champ = CategoryHead.load(champion_path)
         baseline_pred = [champ.scores(v)[0][0] for v in data.held_x]
-        baseline_name = f"champion {champ.version}"
+        digest = champ.version.rsplit("@", 1)[1]
+        baseline_name = f"champion {champ.version}" if targets is None else f"champion {what}@{digest}"
+    elif targets is not None:
+        baseline_pred = majority_predictions(data)
+        baseline_name = "majority class"
     else:
         baseline_pred = zero_shot_predictions(session, data.held_images)
         baseline_name = "zero-shot taxonomy map"

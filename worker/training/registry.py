@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -30,7 +31,7 @@ from db import models as m
 from db.session import get_engine
 from worker.config import Settings
 from worker.models.weights import file_sha256
-from worker.steps.tagging import CHAMPION_HEAD
+from worker.steps.tagging import ATTRIBUTE_PREFIX, CHAMPION_HEAD
 from worker.training.champions import FRAUD_CHAMPION
 
 CATEGORY_HEAD = "category-head"
@@ -52,8 +53,13 @@ def model_dir(settings: Settings, name: str) -> Path:
 
 
 def champion_file(settings: Settings, name: str) -> Path:
+    """The champion file of ``name``: a fixed one per model, plus one per attribute head
+    (``attribute-head-<slug>/champion.pt``, the folder the tagging step scans)."""
+    if name.startswith(ATTRIBUTE_PREFIX) and re.fullmatch(r"[a-z0-9_]+", name[len(ATTRIBUTE_PREFIX):]):
+        return settings.effective_sr_model_dir / name / "champion.pt"
     if name not in CHAMPION_FILES:
-        raise RegistryError(f"unknown model {name!r}; known: {', '.join(CHAMPION_FILES)}")
+        raise RegistryError(f"unknown model {name!r}; known: {', '.join(CHAMPION_FILES)}, "
+                            f"{ATTRIBUTE_PREFIX}<attribute>")
     return settings.effective_sr_model_dir / CHAMPION_FILES[name]
 
 

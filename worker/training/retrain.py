@@ -19,14 +19,19 @@ from db import models as m
 from db.session import transaction
 from worker.config import Settings
 from worker.training import registry
+from worker.training.attributes import attribute_targets, model_name
 from worker.training.category import CategoryOutcome, train_category
 from worker.training.fraud import FraudOutcome, train_fraud
 from worker.training.plots import confusion_png, reliability_png
 
 log = logging.getLogger(__name__)
 
-WHAT = ("category", "fraud", "detector")
-MODEL_OF = {"category": registry.CATEGORY_HEAD, "fraud": registry.FRAUD_SCORER, "detector": "detector"}
+WHAT = ("category", "fraud", "attribute", "detector")
+DEFAULT_WHAT = ("category", "fraud", "attribute")
+#: The Celery task of ``catalog backfill`` (tasks/training.py; routed to the train queue).
+BACKFILL_TASK = "tasks.training.backfill"
+MODEL_OF = {"category": registry.CATEGORY_HEAD, "fraud": registry.FRAUD_SCORER, "detector": "detector",
+            "attribute": "attribute-head"}
 
 
 @dataclass
@@ -71,9 +76,10 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _train_one(settings: Settings, what: str, *, progress: bool, shuffle_labels: bool, seed: int) -> RunReport:
+def _train_one(settings: Settings, what: str, *, progress: bool, shuffle_labels: bool, seed: int,
+               attribute: str | None = None) -> RunReport:
     url = settings.effective_database_url
-    name = MODEL_OF[what]
+    name = model_name(attribute) if attribute is not None else MODEL_OF[what]
     started = time.monotonic()
     with transaction(url) as session:
         run = m.TrainingRun(model_name=name, status="running",
@@ -82,11 +88,11 @@ def _train_one(settings: Settings, what: str, *, progress: bool, shuffle_labels:
         session.add(run)
         session.flush()
         run_id = run.id
-    report = RunReport(what, "failed", "", run_id)
+    report = RunReport(what if attribute is None else f"attribute:{attribute}", "failed", "", run_id)
     try:
         with transaction(url) as session:
             _train_and_decide(session, settings, what, name, run_id, report,
-                              progress=progress, shuffle_labels=shuffle_labels, seed=seed)
+                              progress=progress, shuffle_labels=shuffle_labels, seed=seed, attribute=attribute)
     except Exception as exc:  # recorded on the run, then raised to the caller
         report.decision, report.reason = "failed", f"{type(exc).__name__}: {exc}"
         _finish(url, run_id, report, started)
@@ -96,8 +102,11 @@ def _train_one(settings: Settings, what: str, *, progress: bool, shuffle_labels:
 
 
 def _train_and_decide(session: Any, settings: Settings, what: str, name: str, run_id: int, report: RunReport,
-                      *, progress: bool, shuffle_labels: bool, seed: int) -> None:
+                      *, progress: bool, shuffle_labels: bool, seed: int, attribute: str | None = None) -> None:
     run = session.get_one(m.TrainingRun, run_id)
+    if what == "attribute" and attribute is None:
+        report.decision, report.reason = "skipped", "skipped: no reviewed attribute labels"
+        return
     if what == "detector":
         report.decision = "skipped"
         report.reason = ("skipped: detector fine-tuning is not implemented yet "
@@ -109,6 +118,10 @@ def _train_and_decide(session: Any, settings: Settings, what: str, name: str, ru
     if what == "category":
         outcome = train_category(session, out_dir, champ_path, seed=seed, shuffle_labels=shuffle_labels,
                                  progress=progress)
+    elif what == "attribute":
+        outcome = train_category(session, out_dir, champ_path, seed=seed, shuffle_labels=shuffle_labels,
+                                 progress=progress, targets=attribute_targets(session).get(attribute or "", {}),
+                                 what=name)
     else:
         outcome = train_fraud(session, out_dir, settings, champ_path, shuffle_labels=shuffle_labels, seed=seed)
     if isinstance(outcome, str):
@@ -153,9 +166,10 @@ def _finish(url: str, run_id: int, report: RunReport, started: float) -> None:
 
 def run_retrain(settings: Settings, what: tuple[str, ...] | list[str] | None = None, *, progress: bool = False,
                 shuffle_labels: bool = False, seed: int = 0) -> list[RunReport] | None:
-    """Retrain ``what`` (default: category and fraud; the detector only when named) under the
+    """Retrain ``what`` (default: category, fraud and one head per labelled attribute; the
+    detector only when named) under the
     retrain lock. Returns None, having done nothing, when another retrain holds the lock."""
-    chosen = list(what or ("category", "fraud"))
+    chosen = list(what or DEFAULT_WHAT)
     unknown = [w for w in chosen if w not in WHAT]
     if unknown:
         raise ValueError(f"unknown retrain target(s) {', '.join(unknown)}; known: {', '.join(WHAT)}")
@@ -163,5 +177,27 @@ def run_retrain(settings: Settings, what: tuple[str, ...] | list[str] | None = N
         if not lock.acquired:
             log.info("retrain skipped: another retrain holds the %s", lock.how)
             return None
-        return [_train_one(settings, w, progress=progress, shuffle_labels=shuffle_labels, seed=seed)
-                for w in chosen]
+        reports = []
+        for w in chosen:
+            attributes: list[str | None] = [None]
+            if w == "attribute":  # one head per attribute that has labels (none: one skipped run)
+                with transaction(settings.effective_database_url) as session:
+                    attributes = list(attribute_targets(session)) or [None]
+            reports += [_train_one(settings, w, progress=progress, shuffle_labels=shuffle_labels, seed=seed,
+                                   attribute=a) for a in attributes]
+        after_promotion(settings, reports)
+        return reports
+
+
+def after_promotion(settings: Settings, reports: list[RunReport]) -> None:
+    """With CATALOG_BACKFILL_AFTER_PROMOTE, enqueue a backfill (train queue) for each promoted
+    model, so images analysed with the previous version are analysed again."""
+    if not settings.backfill_after_promote:
+        return
+    for report in reports:
+        if report.decision == "promoted" and report.version:
+            name = report.version.rsplit("@", 1)[0]
+            from worker.celery_app import app
+
+            app.send_task(BACKFILL_TASK, kwargs={"model": name})
+            log.info("backfill of %s enqueued after its promotion", name)
