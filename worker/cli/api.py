@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from worker.cli.common import allow_local, cli_settings, ensure_schema, setup_logging
+from worker.cli.preflight import preflight_or_exit
 
 
 @click.command("api")
@@ -38,6 +39,7 @@ def api_cmd(host: str, port: int, secure_cookies: bool | None, proxy_headers: bo
 
     settings = cli_settings()
     setup_logging(settings)
+    preflight_or_exit(settings, runs_models=False)
     ensure_schema(settings)
     dirs = [str(Path(d).resolve()) for d in photo_dirs]
     demo = settings.data_dir / "demo-photos"

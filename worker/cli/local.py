@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from worker.cli.common import IMAGE_SUFFIXES, allow_local, cli_settings, ensure_schema, setup_logging
+from worker.cli.preflight import preflight_or_exit
 from worker.pipeline.local import run_in_process
 
 
@@ -68,8 +69,9 @@ def process_cmd(paths: tuple[str, ...], seller: str, category: str | None, listi
 
     settings = cli_settings()
     setup_logging(settings)
-    ensure_schema(settings)
     refs, given = _collect_images(paths)
+    preflight_or_exit(settings)
+    ensure_schema(settings)
     # The files and folders named here may be read; an event could never widen this.
     settings = allow_local(settings, given)
     external_id = run_in_process(settings, refs, seller, category, listing_id, title)
@@ -126,5 +128,6 @@ def demo_cmd(as_json: bool, out: Path | None) -> None:
 
     settings = cli_settings()
     setup_logging(settings)
+    preflight_or_exit(settings)
     ensure_schema(settings)
     run_demo(settings, out or settings.data_dir / "demo-photos", as_json=as_json, echo=click.echo)

@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-from worker.cli.common import cli_settings, ensure_schema, setup_logging
+from worker.cli.common import cli_settings, ensure_schema, setup_logging, wait_for_database
+from worker.cli.preflight import preflight_or_exit
 from worker.config import ENV_PREFIX, Settings
 
 log = logging.getLogger("catalog")
@@ -32,6 +33,7 @@ def ingest_cmd(burst: bool, max_events: int | None, consumer: str | None) -> Non
 
     settings = cli_settings()
     setup_logging(settings)
+    preflight_or_exit(settings, runs_models=False)
     stats = run_ingest(settings, burst=burst, max_events=max_events, consumer=consumer)
     click.echo(f"queued {stats.queued}, dead-lettered {stats.dead_lettered}, reclaimed {stats.reclaimed}, "
                f"dead consumers removed {stats.consumers_removed}")
@@ -58,7 +60,7 @@ def submit_cmd(files: tuple[str, ...]) -> None:
     for name in files:
         text = sys.stdin.read() if name == "-" else Path(name).read_text()
         items = _submitted_items(name, text.strip())
-        for index, item in enumerate(items):
+        for index, item in enumerate(items, start=1):  # numbered as an editor numbers lines
             try:
                 event = parse_event(item)
             except InvalidEvent as exc:
@@ -71,6 +73,8 @@ def submit_cmd(files: tuple[str, ...]) -> None:
             publish(event)
             queued += 1
     click.echo(f"queued {queued} event(s), rejected {rejected}")
+    if rejected:
+        raise SystemExit(1)  # scripts feeding events must notice the rejected ones
 
 
 def _submitted_items(name: str, stripped: str) -> list[Any]:
@@ -119,6 +123,8 @@ def worker_cmd(ctx: click.Context) -> None:
         click.echo(ctx.command.help)
         click.echo("\nCelery worker options:\n")
     else:
+        preflight_or_exit(settings, runs_models=_runs_images(args))
+        wait_for_database(settings)  # a worker may start before its database
         ensure_schema(settings)
     args = _gpu_pool(settings, args)
     settings = _share_cores(settings, args)
@@ -140,6 +146,12 @@ def worker_cmd(ctx: click.Context) -> None:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             args += ["--beat", "--schedule", str(settings.data_dir / "beat-schedule")]
     app.worker_main(["worker", *args])
+
+
+def _runs_images(args: list[str]) -> bool:
+    """Whether the worker consumes a queue that analyses images (gpu, cpu; the default all)."""
+    queues = _option_value(args, "-Q", "--queues")
+    return queues is None or bool({"gpu", "cpu"} & {q.strip() for q in queues.split(",")})
 
 
 def _cuda_visible() -> bool:
