@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import click
+from pydantic import SecretStr
 
-from worker.cli.common import cli_settings, setup_logging
+from worker.cli.common import cli_settings, connection_sentence, debug_enabled, setup_logging
 from worker.config import ENV_PREFIX, Settings, redact_url
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class CatalogGroup(click.Group):
+    """The `catalog` group: a server that cannot be reached ends any command with one
+    sentence naming it and its variable (the traceback only with --debug or a DEBUG log level)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            sentence = None if isinstance(exc, click.ClickException) else connection_sentence(exc)
+            if sentence is None or debug_enabled():
+                raise
+            raise click.ClickException(sentence + " (catalog --debug shows the traceback)") from None
+
+
+@click.group(cls=CatalogGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="catalog-worker")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-sentence errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """catalog-worker: analyse e-commerce listing photos from events.
 
     \b
@@ -21,7 +41,10 @@ def main() -> None:
                  catalog db upgrade; catalog ingest; catalog worker; catalog beat
 
     Every setting is an environment variable with the CATALOG_ prefix: see `catalog config`.
+    Secrets can be read from files: CATALOG_DATABASE_URL_FILE, CATALOG_BROKER_URL_FILE,
+    CATALOG_REDIS_URL_FILE, CATALOG_API_SECRET_FILE.
     """
+    ctx.ensure_object(dict)["debug"] = debug
 
 
 @main.command("config")
@@ -31,10 +54,7 @@ def config_cmd(as_json: bool) -> None:
     settings = cli_settings()
     rows = []
     for name, field in Settings.model_fields.items():
-        value = getattr(settings, name)  # a SecretStr prints as '**********'
-        if isinstance(value, str):
-            value = redact_url(value)  # passwords in URLs never reach the output
-        rows.append((f"{ENV_PREFIX}{name.upper()}", value, field.description or ""))
+        rows.append((f"{ENV_PREFIX}{name.upper()}", _shown(getattr(settings, name)), field.description or ""))
     derived = {
         "database": redact_url(settings.effective_database_url),
         "broker": redact_url(settings.effective_broker_url),
@@ -42,13 +62,30 @@ def config_cmd(as_json: bool) -> None:
         "artifacts": str(settings.effective_artifact_dir),
     }
     if as_json:
-        click.echo(json.dumps({"settings": {k: str(v) for k, v, _ in rows}, "effective": derived}, indent=2))
+        click.echo(json.dumps({"settings": {k: v for k, v, _ in rows}, "effective": derived}, indent=2))
         return
     for env, value, desc in rows:
-        click.echo(f"{env:34} = {value!s:40} {desc}")
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        click.echo(f"{env:34} = {text:40} {desc}")
     click.echo("\neffective:")
     for key, value in derived.items():
         click.echo(f"  {key:15} {value}")
+
+
+def _shown(value: Any) -> Any:
+    """A setting as JSON-ready data with its secrets masked: a SecretStr as ``**********``,
+    URL passwords as ``***``; paths as text, lists and numbers as themselves."""
+    if isinstance(value, SecretStr):
+        return "**********"
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_shown(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _shown(v) for k, v in value.items()}
+    return value
 
 
 @main.group("db")

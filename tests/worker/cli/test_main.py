@@ -90,7 +90,9 @@ def test_submit_dead_letters_invalid_events(tmp_path: Path, monkeypatch: pytest.
     events = tmp_path / "events.jsonl"
     events.write_text('{"event_id": "x"}\n')
     result = CliRunner().invoke(main, ["submit", str(events)])
-    assert result.exit_code == 0 and "rejected 1" in result.output
+    # Rejected events make the exit status non-zero; lines are numbered from 1, like an editor.
+    assert result.exit_code == 1 and "rejected 1" in result.output
+    assert f"{events}#1: rejected" in result.output and "#0" not in result.output
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -211,3 +213,93 @@ def test_config_never_prints_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
         for secret in ("s3cret-db", "hunter2-redis", "api-signing-key"):
             assert secret not in result.output
         assert "app:***@db.internal:5432" in result.output
+
+
+def test_config_json_prints_json_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CATALOG_API_SECRET", "api-signing-key-0123456789abcdef")
+    result = CliRunner().invoke(main, ["config", "--json"])
+    assert result.exit_code == 0, result.output
+    values = json.loads(result.output)["settings"]
+    assert values["CATALOG_DATABASE_URL"] is None and values["CATALOG_BATCH_MAX_SIZE"] is None
+    assert values["CATALOG_STEPS"][0] == "metadata" and isinstance(values["CATALOG_STEPS"], list)
+    assert values["CATALOG_MAX_ATTEMPTS"] == 3 and values["CATALOG_FRAUD_WEIGHTS"]["nsfw"] == 0.7
+    assert values["CATALOG_DATA_DIR"] == str(tmp_path) and values["CATALOG_API_SECRET"] == "**********"
+
+
+def test_config_reads_secret_files_and_masks_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "db_url"
+    secret.write_text("postgresql://app:file-s3cret@db.internal/catalog\n")
+    monkeypatch.setenv("CATALOG_DATABASE_URL_FILE", str(secret))
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code == 0, result.output
+    assert "file-s3cret" not in result.output
+    assert "postgresql+psycopg2://app:***@db.internal/catalog" in result.output
+
+
+DOWN_DB = "postgresql://app:pw-not-shown@127.0.0.1:1/catalog"  # nothing listens on port 1
+
+
+@pytest.mark.parametrize("args", [["status"], ["db", "upgrade"], ["show", "L-1"], ["flags", "list"]])
+def test_database_down_is_one_sentence(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.setenv("CATALOG_DATABASE_URL", DOWN_DB)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "Error: cannot use the database postgresql+psycopg2://app:***@127.0.0.1:1/catalog (CATALOG_DATABASE_URL): ")
+    assert "pw-not-shown" not in result.output
+
+
+def test_debug_keeps_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlalchemy.exc
+
+    monkeypatch.setenv("CATALOG_DATABASE_URL", DOWN_DB)
+    result = CliRunner().invoke(main, ["--debug", "status"])
+    assert result.exit_code == 1 and isinstance(result.exception, sqlalchemy.exc.OperationalError)
+    monkeypatch.setenv("CATALOG_LOG_LEVEL", "DEBUG")
+    result = CliRunner().invoke(main, ["status"])
+    assert isinstance(result.exception, sqlalchemy.exc.OperationalError)
+
+
+def test_redis_down_is_one_sentence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CATALOG_REDIS_URL", "redis://:redis-pw@127.0.0.1:1/0")
+    result = CliRunner().invoke(main, ["ingest", "--burst"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: cannot reach Redis at redis://:***@127.0.0.1:1/0 (CATALOG_REDIS_URL")
+    assert "redis-pw" not in result.output and "Traceback" not in result.output
+
+
+def test_broker_down_is_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kombu.exceptions
+
+    from worker.cli.common import connection_sentence
+
+    monkeypatch.setenv("CATALOG_BROKER_URL", "redis://:broker-pw@127.0.0.1:1/0")
+    sentence = connection_sentence(kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:1."))
+    assert sentence == ("cannot reach the broker redis://:***@127.0.0.1:1/0 (CATALOG_BROKER_URL): "
+                        "Error 111 connecting to 127.0.0.1:1.")
+    assert connection_sentence(ValueError("a bug")) is None  # anything else keeps its traceback
+
+
+def test_worker_waits_for_the_database_then_gives_one_sentence(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import click
+
+    from worker.cli.common import wait_for_database
+    from worker.config import load_settings
+
+    settings = load_settings(database_url=DOWN_DB, db_retry_for=2)
+    with pytest.raises(click.ClickException, match=r"cannot use the database .*\(waited 2 s, CATALOG_DB_RETRY_FOR\)"):
+        wait_for_database(settings, every=0.5)
+    waits = [r for r in caplog.records if r.getMessage().startswith("waiting for the database")]
+    assert len(waits) >= 2 and all("pw-not-shown" not in r.getMessage() for r in waits)
+
+
+def test_worker_wait_returns_once_the_database_answers(tmp_path: Path) -> None:
+    from worker.cli.common import wait_for_database
+    from worker.config import load_settings
+
+    wait_for_database(load_settings(data_dir=tmp_path, db_retry_for=0))  # SQLite: at once
