@@ -124,7 +124,7 @@ def ensure_schema(settings: Settings) -> None:
     if current == head:
         return
     if url.startswith("sqlite"):
-        log.info("migrating embedded database %s to %s", url, head)
+        log.info("migrating embedded database %s to %s", redact_url(url), head)
         upgrade(url)
         return
     raise click.ClickException(
