@@ -1,26 +1,79 @@
-"""First analysis step: image metadata and 64-bit perceptual hashes (no model needed)."""
+"""First analysis step: image metadata, 64-bit perceptual hashes and a bounded thumbnail (no
+model needed).
+
+The thumbnail (artifact kind ``thumbnail``) is what the review pages show of a photo: in
+production photos are remote URLs, and the review service never fetches a URL on a browser's
+behalf, so it shows what the worker stored. It is a JPEG whose longer side is at most
+``CATALOG_THUMBNAIL_SIDE`` (never upscaled), made from the decoded image, so the EXIF orientation
+is already applied and no metadata of the upload (GPS position, camera) is carried over.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import ClassVar
+
+from PIL import Image
 
 from worker.config import Settings
 from worker.io.hashing import dhash, phash, to_hex
-from worker.pipeline.contract import ImageContext, StepResult
+from worker.pipeline.contract import Artifact, ImageContext, StepResult
+
+THUMBNAIL_KIND = "thumbnail"
+THUMBNAIL_QUALITY = 85
+
+
+def thumbnail_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``size`` scaled down (aspect ratio kept, each side at least 1) so that its longer side
+    is at most ``max_side``; a smaller image keeps its size (a thumbnail is never upscaled)."""
+    width, height = size
+    longer = max(width, height)
+    if longer <= max_side:
+        return width, height
+    return max(1, round(width * max_side / longer)), max(1, round(height * max_side / longer))
+
+
+def write_thumbnail(image: Image.Image, max_side: int, path: Path) -> Artifact:
+    """A JPEG of ``image`` whose longer side is at most ``max_side`` at ``path``.
+
+    Written to a temporary file first and renamed into place: the review service may be
+    serving the previous thumbnail of the same image while the image is analysed again."""
+    thumb = image.resize(thumbnail_size(image.size, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    if thumb.mode != "RGB":  # steps see RGB; a caller's RGBA or L image still makes a JPEG
+        thumb = thumb.convert("RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            thumb.save(fh, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Artifact(THUMBNAIL_KIND, path, thumb.width, thumb.height)
 
 
 class MetadataStep:
     name: ClassVar[str] = "metadata"
     requires: ClassVar[tuple[str, ...]] = ()
-    VERSION: ClassVar[str] = "metadata@1"
+    # @2: also stores the thumbnail artifact.
+    VERSION: ClassVar[str] = "metadata@2"
 
     def version(self, settings: Settings) -> str:
-        """A rules-only step: the version changes when its rules do."""
+        """A rules-only step: the version changes when its rules do.
+
+        ``CATALOG_THUMBNAIL_SIDE`` is not part of it: a new size applies to photos analysed from
+        then on, without analysing every stored photo again (each artifact row records its size)."""
         return self.VERSION
 
     def run(self, ctx: ImageContext) -> StepResult:
         width, height = ctx.image.size
+        thumbnail = write_thumbnail(ctx.image, ctx.settings.thumbnail_side,
+                                    ctx.artifact_dir / f"{ctx.image_id}-thumb.jpg")
         return StepResult(
+            artifacts=[thumbnail],
             data={
                 "width": width,
                 "height": height,
@@ -29,5 +82,5 @@ class MetadataStep:
                 "sha256": ctx.sha256,
                 "phash": to_hex(phash(ctx.image)),
                 "dhash": to_hex(dhash(ctx.image)),
-            }
+            },
         )
