@@ -1,6 +1,7 @@
 """Issue 10, acceptance 2: the review page in real headless Chromium (Debian's chromium driven
-by Playwright): log in, open the queue, open a duplicate flag, see both photos side by side,
-confirm with the keyboard, and the database shows the decision.
+by Playwright): log in, open the queue, open a duplicate flag, see both photos side by side
+(remote photos, shown from the thumbnails the worker stored), confirm with the keyboard, and the
+database shows the decision.
 
 Screenshots go to the test's temporary directory, and also to $CATALOG_TEST_SCREENSHOT_DIR when
 set (``CATALOG_TEST_SCREENSHOT_DIR=docs/img`` refreshes the README's picture)."""
@@ -18,6 +19,8 @@ from PIL import Image
 
 from db import models as m
 from db.session import transaction
+from worker.config import Settings
+from worker.steps.metadata import write_thumbnail
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -40,7 +43,9 @@ def _photos(photo_dir: Path) -> tuple[Path, Path]:
     return first, second
 
 
-def _duplicate(pg_url: str, photo_dir: Path) -> tuple[int, str]:
+def _duplicate(pg_url: str, photo_dir: Path, artifact_dir: Path) -> tuple[int, str]:
+    """A duplicate flag between two photos on the shop's CDN (remote URLs, as in production):
+    the service never fetches them, the pages show the thumbnails the metadata step stored."""
     first, second = _photos(photo_dir)
     tag = uuid.uuid4().hex[:6]
     then = datetime.now(UTC) - timedelta(days=3)
@@ -50,10 +55,17 @@ def _duplicate(pg_url: str, photo_dir: Path) -> tuple[int, str]:
         thief = m.Listing(external_id=f"B-{tag}", seller_id=f"copycat-{tag}", title="Cat poster!!", status="done")
         session.add_all([orig, thief])
         session.flush()
-        img_a = m.Image(listing_id=orig.id, url=str(first), status="done", width=451, height=300, created_at=then)
-        img_b = m.Image(listing_id=thief.id, url=str(second), status="done", width=400, height=260)
+        img_a = m.Image(listing_id=orig.id, url=f"https://cdn.shop.invalid/{tag}/{first.name}", status="done",
+                        width=451, height=300, created_at=then)
+        img_b = m.Image(listing_id=thief.id, url=f"https://cdn.shop.invalid/{tag}/{second.name}", status="done",
+                        width=400, height=260)
         session.add_all([img_a, img_b])
         session.flush()
+        for img, path in ((img_a, first), (img_b, second)):
+            with Image.open(path) as photo:
+                thumb = write_thumbnail(photo.convert("RGB"), 640, artifact_dir / f"{img.id}-thumb.jpg")
+            session.add(m.ArtifactRecord(image_id=img.id, kind=thumb.kind, path=str(thumb.path),
+                                         width=thumb.width, height=thumb.height, model_version="metadata@2"))
         flag = m.Flag(listing_id=thief.id, image_id=img_b.id, kind="duplicate_image", score=0.97, evidence={
             "summary": f"The photo is a copy of seller honest-{tag}'s photo in listing A-{tag}.",
             "matched_image_id": img_a.id, "matched_listing_id": orig.id,
@@ -69,10 +81,10 @@ def _duplicate(pg_url: str, photo_dir: Path) -> tuple[int, str]:
 
 
 def test_reviewer_confirms_a_duplicate_with_the_keyboard(served: str, pg_url: str, photo_dir: Path,
-                                                         reviewer, tmp_path: Path) -> None:
+                                                         api_settings: Settings, reviewer, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    flag_id, _ = _duplicate(pg_url, photo_dir)
+    flag_id, _ = _duplicate(pg_url, photo_dir, api_settings.effective_artifact_dir)
     shots = tmp_path / "screenshots"
     shots.mkdir()
     with sync_playwright() as pw:
@@ -93,8 +105,9 @@ def test_reviewer_confirms_a_duplicate_with_the_keyboard(served: str, pg_url: st
             matched = page.locator("[data-testid=matched-photo] img")
             expect(this).to_be_visible()
             expect(matched).to_be_visible()
-            # Both photos really loaded (decoded), not broken-image icons.
+            # Both photos really loaded (decoded), not broken-image icons: the stored thumbnails.
             for img in (this, matched):
+                assert (img.get_attribute("src") or "").endswith("/thumbnail")
                 page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle())
             box_a, box_b = this.bounding_box(), matched.bounding_box()
             assert box_a and box_b and box_a["x"] + box_a["width"] <= box_b["x"]  # side by side

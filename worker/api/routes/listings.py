@@ -12,6 +12,7 @@ from db import models as m
 from worker.api.deps import Paging, Reviewer, tx
 from worker.io.hashing import to_hex
 from worker.review.queue import FlagView
+from worker.steps.metadata import THUMBNAIL_KIND
 
 router = APIRouter(prefix="/api/v1", tags=["listings"])
 
@@ -62,13 +63,16 @@ def image_detail(session: Any, img: m.Image) -> dict[str, Any]:
     dets = session.execute(select(m.Detection).where(m.Detection.image_id == img.id)
                            .order_by(m.Detection.score.desc())).scalars()
     arts = session.execute(select(m.ArtifactRecord).where(m.ArtifactRecord.image_id == img.id)
-                           .order_by(m.ArtifactRecord.id)).scalars()
+                           .order_by(m.ArtifactRecord.id)).scalars().all()
     flags = session.execute(select(m.Flag).where(m.Flag.image_id == img.id).order_by(m.Flag.id)).scalars()
     return {
         "id": img.id, "position": img.position, "url": img.url, "status": img.status, "error": img.error,
         "complete": img.complete, "width": img.width, "height": img.height, "format": img.format,
         "sha256": img.sha256, "phash": to_hex(img.phash), "dhash": to_hex(img.dhash),
         "photo": f"/api/v1/images/{img.id}/photo",
+        # What to show of the photo: served for remote photos too (the original is not).
+        "thumbnail": (f"/api/v1/images/{img.id}/thumbnail"
+                      if any(a.kind == THUMBNAIL_KIND for a in arts) else None),
         "tags": [{"id": t.id, "name": t.name, "score": round(t.score, 4), "source": t.source,
                   "model_version": t.model_version} for t in tags],
         "detections": [{"id": d.id, "label": d.label, "score": round(d.score, 4),

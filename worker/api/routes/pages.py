@@ -20,8 +20,10 @@ from sqlalchemy import select
 from db import models as m
 from worker.api import auth
 from worker.api.deps import Reviewer, state, tx
+from worker.api.routes.files import is_remote
 from worker.pipeline.store import lock_listing
 from worker.review import queue
+from worker.steps.metadata import THUMBNAIL_KIND
 
 router = APIRouter(prefix="/review", include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parents[1] / "templates"))
@@ -115,16 +117,23 @@ def _image(session: Any, image_id: Any) -> dict[str, Any] | None:
         return None
     listing = session.get(m.Listing, img.listing_id)
     dets = session.execute(select(m.Detection).where(m.Detection.image_id == img.id)).scalars()
-    arts = session.execute(select(m.ArtifactRecord).where(m.ArtifactRecord.image_id == img.id)).scalars()
+    arts = session.execute(select(m.ArtifactRecord).where(m.ArtifactRecord.image_id == img.id)
+                           .order_by(m.ArtifactRecord.id)).scalars().all()
+    original = None if is_remote(img.url) else f"/api/v1/images/{img.id}/photo"
+    # What the worker stored is shown: its thumbnail (the only picture of a remote photo; the
+    # service never fetches a URL for the browser). Photos analysed before thumbnails existed
+    # fall back to the original when it is a local file.
+    has_thumbnail = any(a.kind == THUMBNAIL_KIND for a in arts)
     return {"id": img.id, "url": img.url, "width": img.width, "height": img.height,
-            "photo": f"/api/v1/images/{img.id}/photo",
+            "photo": f"/api/v1/images/{img.id}/thumbnail" if has_thumbnail else original,
+            "original": original,
             # SQLite hands back naive datetimes; every stored time is UTC.
             "created_at": img.created_at.replace(tzinfo=img.created_at.tzinfo or UTC) if img.created_at else None,
             "seller_id": listing.seller_id if listing else None,
             "listing_external_id": listing.external_id if listing else None,
             "detections": [{"label": d.label, "score": round(d.score, 2), "box": [d.x0, d.y0, d.x1, d.y1]}
                            for d in dets],
-            "artifacts": [{"id": a.id, "kind": a.kind} for a in arts]}
+            "artifacts": [{"id": a.id, "kind": a.kind} for a in arts if a.kind != THUMBNAIL_KIND]}
 
 
 @router.get("/flags/{flag_id}")
