@@ -8,7 +8,7 @@ import logging
 
 from tasks.base import DatabaseTask
 from worker.celery_app import RETRAIN_TASK, app
-from worker.training.retrain import run_retrain
+from worker.training.retrain import BACKFILL_TASK, run_retrain
 
 log = logging.getLogger(__name__)
 
@@ -23,3 +23,15 @@ def retrain(self: DatabaseTask, what: list[str] | None = None) -> list[dict[str,
         return None
     return [{"what": r.what, "decision": r.decision, "reason": r.reason, "version": r.version or ""}
             for r in reports]
+
+
+@app.task(bind=True, base=DatabaseTask, name=BACKFILL_TASK, autoretry_for=(), acks_late=False)
+def backfill(self: DatabaseTask, model: str, limit: int | None = None,
+             rate: float | None = None) -> dict[str, object]:
+    # Enqueued by the retrain after a promotion (CATALOG_BACKFILL_AFTER_PROMOTE). Resumable by
+    # its cursor, so a lost message costs nothing a later `catalog backfill` cannot finish.
+    from dataclasses import asdict
+
+    from worker.training.backfill import backfill as run_backfill
+
+    return asdict(run_backfill(self.settings, model, limit=limit, rate=rate))
