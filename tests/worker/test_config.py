@@ -28,7 +28,8 @@ def test_environment_switches_to_production(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize(
     ("var", "value"),
     [("CATALOG_MAX_PIXELS", "lots"), ("CATALOG_DEVICE", "tpu"), ("CATALOG_DATABASE_URL", "mysql://x"),
-     ("CATALOG_FETCH_ALLOW_HOSTS", "not-an-ip"), ("CATALOG_VISIBILITY_TIMEOUT", "1")],
+     ("CATALOG_FETCH_ALLOW_HOSTS", "not-an-ip"), ("CATALOG_VISIBILITY_TIMEOUT", "1"),
+     ("CATALOG_SR_MODEL", "esrgan")],
 )
 def test_bad_value_is_an_error_naming_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.setenv(var, value)
