@@ -43,6 +43,8 @@ def make_engine(url: str) -> Engine:
     return create_engine(
         url,
         isolation_level="READ COMMITTED",
+        # A host that drops packets instead of refusing must not hang a connect forever.
+        connect_args={"connect_timeout": 10},
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=5,

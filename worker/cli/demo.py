@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from worker.config import Settings
+from worker.config import Settings, redact_url
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 
@@ -62,7 +62,7 @@ def run_demo(settings: Settings, out: Path, as_json: bool, echo: Callable[[str],
     settings = allow_local(settings, [str(out.resolve())])  # the demo reads only its own photos
     echo(f"demo: {len(honest) + len(reseller)} photos from scikit-image written to {out.resolve()}")
     echo(f"demo: steps {', '.join(settings.steps)}")
-    echo(f"demo: database {settings.effective_database_url}\n")
+    echo(f"demo: database {redact_url(settings.effective_database_url)}\n")
     reports = []
     for listing_id, seller, photos, category, title in (
         ("demo-listing", "demo-seller", honest, "kitchenware", "Espresso cup, cat and friends"),
