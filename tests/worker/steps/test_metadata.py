@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,7 +106,7 @@ def test_thumbnail_size(size: tuple[int, int], side: int, expected: tuple[int, i
     assert thumbnail_size(size, side) == expected
 
 
-def test_thumbnails_of_two_images_do_not_collide(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+def test_thumbnails_of_two_images_do_not_collide(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings()
     a = MetadataStep().run(_ctx(_jpeg(_photo(100, 100)), settings, image_id=1)).artifacts[0]
     b = MetadataStep().run(_ctx(_jpeg(_photo(100, 100)), settings, image_id=2)).artifacts[0]
