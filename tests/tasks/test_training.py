@@ -16,9 +16,12 @@ from worker.config import Settings, get_settings, reset_settings
 
 
 def test_task_is_registered_and_routed_to_the_train_queue() -> None:
+    from worker.training.retrain import BACKFILL_TASK
+
     app.loader.import_default_modules()
-    assert RETRAIN_TASK in app.tasks
-    assert app.amqp.router.route({}, RETRAIN_TASK)["queue"].name == "train"
+    for name in (RETRAIN_TASK, BACKFILL_TASK):
+        assert name in app.tasks
+        assert app.amqp.router.route({}, name)["queue"].name == "train"
 
 
 def test_beat_schedule_default_nightly_configurable_or_off(make_settings: Callable[..., Settings]) -> None:
@@ -48,3 +51,19 @@ def test_task_runs_the_retrain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         dispose_engines()
     assert [r["decision"] for r in result] == ["skipped", "skipped"]
     assert result[0]["reason"] == "skipped: no reviewed category labels"
+
+
+def test_backfill_task_runs_the_backfill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.training import backfill
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    upgrade(url)
+    monkeypatch.setenv("CATALOG_DATABASE_URL", url)
+    monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path / "data"))
+    reset_settings()
+    try:
+        result = backfill.apply(kwargs={"model": "fraud-scorer", "limit": 5}).get()
+    finally:
+        dispose_engines()
+    assert result["done"] == 0 and result["step"] is None
+    assert str(result["target"]).startswith("fixed weights")
