@@ -3,6 +3,11 @@
 Defaults give the embedded mode (SQLite file, filesystem broker, CPU) so that a fresh
 checkout runs with no servers; pointing ``CATALOG_DATABASE_URL`` at Postgres and
 ``CATALOG_BROKER_URL`` at Redis switches to production with no code change.
+
+This file is longer than the ~450 lines the rest of ``worker/`` keeps to, on purpose: it is the
+one settings object, every field with the description that ``catalog config`` prints, and the
+validators that turn a wrong value into one sentence naming its variable. Split by topic, the
+one place an operator reads would be scattered.
 """
 
 from __future__ import annotations
