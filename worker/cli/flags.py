@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from db.session import transaction
 from worker.config import get_settings
+from worker.fraud.champion import fraud_weights
 from worker.review import queue
 
 
@@ -130,7 +131,7 @@ def claim_cmd(flag_id: int | None, reviewer: str, ttl: int | None, kind: str | N
                 flag: queue.FlagView | None = queue.claim_flag(session, flag_id, reviewer, ttl)
             else:
                 flag = queue.claim_next_flag(session, reviewer, ttl, kind=kind,
-                                             weights=get_settings().fraud_weights)
+                                             weights=fraud_weights(get_settings()).weights)
     except queue.FlagQueueError as exc:
         raise click.ClickException(str(exc)) from None
     if flag is None:

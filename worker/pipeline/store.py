@@ -29,11 +29,11 @@ from sqlalchemy.orm import Session
 
 from db import models as m
 from worker.config import Settings
+from worker.fraud.champion import champion_fraud_score
 from worker.fraud.score import FraudScore
 from worker.io.hashing import to_signed64
 from worker.io.load import LoadedImage
 from worker.pipeline.contract import StepRun
-from worker.training.champions import champion_fraud_score
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def finish_listing_if_complete(session: Session, listing_id: int, settings: Sett
 def listing_fraud_score(session: Session, listing_id: int, settings: Settings) -> FraudScore:
     """Read the flags of all the listing's images and combine them (the pure rules are in
     worker/fraud/score.py) with the fraud-scorer champion's learnt weights when one is promoted,
-    else CATALOG_FRAUD_WEIGHTS (worker/training/champions.py). The listings table has no column
+    else CATALOG_FRAUD_WEIGHTS (worker/fraud/champion.py). The listings table has no column
     for the weights' version, so it is logged with the score."""
     session.flush()
     flags = session.execute(select(m.Flag).where(m.Flag.listing_id == listing_id)).scalars().all()

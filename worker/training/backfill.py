@@ -34,10 +34,10 @@ from sqlalchemy import select
 from db import models as m
 from db.session import session_factory, transaction
 from worker.config import Settings
+from worker.fraud.champion import fraud_weights
 from worker.pipeline.registry import STEP_REGISTRY, get_step, safe_version
 from worker.pipeline.store import lock_image, lock_listing, update_fraud_score
 from worker.steps.tagging import ATTRIBUTE_PREFIX
-from worker.training.champions import fraud_weights
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from sqlalchemy.orm import Session
 from db import models as m
 from db.session import get_engine
 from worker.config import Settings
+from worker.fraud.champion import FRAUD_CHAMPION
 from worker.models.weights import file_sha256
 from worker.steps.tagging import ATTRIBUTE_PREFIX, CHAMPION_HEAD
-from worker.training.champions import FRAUD_CHAMPION
 
 CATEGORY_HEAD = "category-head"
 FRAUD_SCORER = "fraud-scorer"

@@ -13,9 +13,9 @@ import pytest
 from db import models as m
 from db.session import transaction
 from worker.config import Settings
+from worker.fraud.champion import FIXED, fraud_weights
 from worker.pipeline.store import lock_listing, update_fraud_score
 from worker.training import registry
-from worker.training.champions import FIXED, fraud_weights
 
 FIXED_WEIGHTS = {"contact_info": 0.2, "duplicate_image": 0.9}
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from worker.api.deps import Paging, Reviewer, state, tx
+from worker.fraud.champion import fraud_weights
 from worker.review import queue
 
 router = APIRouter(prefix="/api/v1", tags=["flags"])
@@ -42,7 +43,7 @@ def list_flags(request: Request, who: Reviewer, paging: Paging,
                status: StatusFilter | None = None, kind: str | None = None,
                mine: Annotated[bool, Query(description="only flags I claimed")] = False,
                order: Literal["severity", "oldest"] = "severity") -> dict[str, Any]:
-    weights = state(request).settings.fraud_weights if order == "severity" else None
+    weights = fraud_weights(state(request).settings).weights if order == "severity" else None
     try:
         with tx(request) as session:
             queue.check_kind(session, kind)
@@ -78,7 +79,7 @@ def claim_next(request: Request, who: Reviewer, body: ClaimBody | None = None) -
         with tx(request) as session:
             queue.check_kind(session, body.kind)
             flag = queue.claim_next_flag(session, who.name, body.ttl or settings.flag_claim_ttl,
-                                         kind=body.kind, weights=settings.fraud_weights)
+                                         kind=body.kind, weights=fraud_weights(settings).weights)
     except queue.FlagQueueError as exc:
         raise queue_error(exc) from None
     if flag is None:

@@ -21,6 +21,7 @@ from db import models as m
 from worker.api import auth
 from worker.api.deps import Reviewer, state, tx
 from worker.api.routes.files import is_remote
+from worker.fraud.champion import fraud_weights
 from worker.pipeline.store import lock_listing
 from worker.review import queue
 from worker.steps.metadata import THUMBNAIL_KIND
@@ -88,7 +89,7 @@ def logout(who: Reviewer) -> Response:
 
 @router.get("")
 def queue_page(request: Request, who: Reviewer, kind: str | None = None, message: str | None = None) -> HTMLResponse:
-    weights = state(request).settings.fraud_weights
+    weights = fraud_weights(state(request).settings).weights
     with tx(request) as session:
         kinds = queue.valid_kinds(session)
         kind = kind if kind in kinds else None
@@ -103,7 +104,8 @@ def queue_page(request: Request, who: Reviewer, kind: str | None = None, message
 def next_flag(request: Request, who: Reviewer) -> Response:
     settings = state(request).settings
     with tx(request) as session:
-        flag = queue.claim_next_flag(session, who.name, settings.flag_claim_ttl, weights=settings.fraud_weights)
+        weights = fraud_weights(settings).weights
+        flag = queue.claim_next_flag(session, who.name, settings.flag_claim_ttl, weights=weights)
     if flag is None:
         return _see("/review?message=The+queue+is+empty")
     return _see(f"/review/flags/{flag.id}")
