@@ -185,17 +185,23 @@ def reviewer_history(session: Session, reviewer: str, *, limit: int = 50, offset
     return out
 
 
+def _claim_ttl(reviewer: str, ttl: int | float | timedelta) -> timedelta:
+    """Check who claims and for how long; the TTL as a timedelta."""
+    if not reviewer or not reviewer.strip():
+        raise FlagQueueError("a reviewer name is required")
+    ttl = ttl if isinstance(ttl, timedelta) else timedelta(seconds=float(ttl))
+    if ttl.total_seconds() <= 0:
+        raise FlagQueueError("the claim TTL must be positive")
+    return ttl
+
+
 def claim_next_flag(session: Session, reviewer: str, ttl: int | float | timedelta = 1800, *,
                     kind: str | None = None, weights: dict[str, float] | None = None) -> FlagView | None:
     """Give the next claimable flag to ``reviewer`` for ``ttl`` seconds; None if the queue
     is empty. Safe to call from many processes at once. With ``weights`` (the fraud-score
     weights per kind) the most serious flag goes first (weight x score, then oldest);
     without, the oldest."""
-    if not reviewer or not reviewer.strip():
-        raise FlagQueueError("a reviewer name is required")
-    ttl = ttl if isinstance(ttl, timedelta) else timedelta(seconds=float(ttl))
-    if ttl.total_seconds() <= 0:
-        raise FlagQueueError("the claim TTL must be positive")
+    ttl = _claim_ttl(reviewer, ttl)
     now = _now()
     pick = select(m.Flag.id).where(_claimable(now))
     if kind:
@@ -230,11 +236,7 @@ def claim_flag(session: Session, flag_id: int, reviewer: str,
     """Claim one specific flag for ``reviewer`` (or renew their own claim). Atomic: one guarded
     UPDATE, whose condition Postgres re-checks after waiting for a concurrent claim's row lock
     and SQLite runs alone, so two reviewers can never both hold the flag."""
-    if not reviewer or not reviewer.strip():
-        raise FlagQueueError("a reviewer name is required")
-    ttl = ttl if isinstance(ttl, timedelta) else timedelta(seconds=float(ttl))
-    if ttl.total_seconds() <= 0:
-        raise FlagQueueError("the claim TTL must be positive")
+    ttl = _claim_ttl(reviewer, ttl)
     now = _now()
     mine = and_(m.Flag.status == "claimed", m.Flag.claimed_by == reviewer)
     stmt = (update(m.Flag)
