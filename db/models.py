@@ -351,3 +351,33 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+
+class OutboxEvent(Base):
+    """An outbound event (``listing.processed``), written in the same transaction as the state
+    it reports; worker/outbound/ publishes it to the results stream and the webhook after commit.
+
+    ``dedupe_key`` is unique, so one completion of a listing is recorded once however often
+    its last image is redelivered. ``published_at`` NULL: not on the stream yet (the relay's
+    sweep retries it). ``webhook_status``: NULL when no webhook was configured at write time,
+    else ``pending`` -> ``delivered`` | ``dead`` (a dead letter row holds the reason)."""
+
+    __tablename__ = "outbox_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    dedupe_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    listing_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    listing_external_id: Mapped[str | None] = mapped_column(String(255))
+    reason: Mapped[str | None] = mapped_column(String(16))  # processed | rescored
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(index=True)
+    stream_id: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    webhook_status: Mapped[str | None] = mapped_column(String(16), index=True)  # pending | delivered | dead
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_at: Mapped[datetime | None]
+    webhook_error: Mapped[str | None] = mapped_column(Text)
