@@ -277,6 +277,40 @@ class Embedding(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian float32, L2-normalised
 
 
+#: ``search_vectors.kind``: the whole photo, or the product region (segmentation box, else the
+#: main detection) cropped out of it (issue 11, worker/search/).
+SEARCH_VECTOR_KINDS = ("full", "region")
+
+
+class SearchVector(Base):
+    """What the visual search index holds: one L2-normalised vector per image and kind.
+
+    Written with the image's results (replaced when it is analysed again, gone when it fails or
+    its listing is deleted). On Postgres with pgvector, migration 0007 (or ``catalog
+    search-index rebuild``) adds a ``halfvec`` column ``embedding`` with HNSW cosine indexes;
+    it is not declared here because plain Postgres and SQLite do not have it (worker/search/).
+    The ``embeddings`` table keeps the tagging embedding as before.
+    """
+
+    __tablename__ = "search_vectors"
+    __table_args__ = (
+        UniqueConstraint("image_id", "kind", name="uq_search_vectors_image_id_kind"),
+        CheckConstraint(_in("kind", SEARCH_VECTOR_KINDS), name="kind"),
+        Index("ix_search_vectors_kind_id", "kind", "id"),
+        # ids are never reused on SQLite either: the embedded index keys its vectors by id
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    listing_id: Mapped[int] = mapped_column(ForeignKey("listings.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    model_version: Mapped[str] = mapped_column(String(128))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian float32, L2-normalised
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class ArtifactRecord(Base):
     __tablename__ = "artifacts"
 

@@ -47,7 +47,9 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "worker.models": ("worker.config", "worker.pipeline.contract"),
     "worker.steps": ("worker.config", "worker.io", "worker.models", "worker.pipeline.contract"),
     "worker.fraud": ("worker.config", "worker.io", "worker.models", "worker.pipeline.contract"),
-    "worker.pipeline": ("worker.config", "worker.intake", "worker.io", "worker.fraud", "db"),
+    "worker.pipeline": ("worker.config", "worker.intake", "worker.io", "worker.fraud", "worker.search.vectors", "db"),
+    # visual search: vectors, the index backends, similar/tag search, one-photo analysis
+    "worker.search": ("worker.config", "worker.io", "worker.models", "worker.steps", "worker.pipeline", "db"),
     "worker.labels": ("worker.config", "db"),
     "worker.review": ("worker.config", "worker.pipeline", "worker.fraud", "worker.labels", "db"),
     "worker.reports": ("worker.config", "worker.celery_app", "worker.io", "db"),

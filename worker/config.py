@@ -37,7 +37,10 @@ CommaList = Annotated[list[str], NoDecode]
 # Every capability, in an order that respects their dependencies (tagging's embedding and
 # category feed the duplicate and category-mismatch checks).
 DEFAULT_STEPS = (
-    "metadata", "tagging", "detection", "segmentation", "superres",
+    "metadata", "tagging", "detection", "segmentation",
+    # After segmentation and detection: embeds the product region for visual search.
+    "embedding",
+    "superres",
     "contact_info", "nsfw", "tamper", "category", "quality",
     # Last: its search holds advisory locks until the image's results commit.
     "duplicates",
@@ -362,6 +365,35 @@ class Settings(BaseSettings):
     )
     sr_model_dir: Path | None = Field(
         None, description="Imported/trained SR weights (`catalog models import`). Default <data_dir>/models."
+    )
+
+    # --- visual search index (issue 11, worker/search/; see docs/search.md) -------------------
+    search_backend: Literal["auto", "pgvector", "embedded", "off"] = Field(
+        "auto",
+        description="Vector index for visual search: pgvector (Postgres with the vector extension, "
+        "HNSW cosine), embedded (usearch files under CATALOG_SEARCH_DIR), off (no index, no "
+        "search vectors stored), auto = pgvector when the database has it, else embedded.",
+    )
+    search_embedding: Literal["region", "full"] = Field(
+        "region",
+        description="Which stored vector a query uses and searches: region (the product crop: "
+        "segmentation box, else main detection; images without one fall back to full) or full "
+        "(the whole photo). See docs/benchmarks.md, Visual search.",
+    )
+    search_dir: Path | None = Field(
+        None, description="Where the embedded index files live. Default <data_dir>/search."
+    )
+    search_ef_search: int = Field(
+        200, ge=10, le=1000,
+        description="HNSW candidate list size at query time (pgvector hnsw.ef_search, usearch "
+        "expansion_search): higher is better recall and slower queries.",
+    )
+    # --- search for users: POST /analyze, search by photo (issue 11; docs/search-usage.md) ------
+    analyze_rate_per_minute: int = Field(
+        30, ge=0,
+        description="Photos one API user may send to POST /api/v1/analyze and /api/v1/search/image per "
+        "minute (each runs the models); more are answered 429 with Retry-After. 0 = no limit. Counted "
+        "in each `catalog api` process's memory.",
     )
 
     @field_validator("steps", "fetch_allow_hosts", "fetch_allow_dirs", mode="before")

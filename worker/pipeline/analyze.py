@@ -53,6 +53,7 @@ from worker.pipeline.store import (
     store_runs,
 )
 from worker.pipeline.writers import WriteContext, apply_writers
+from worker.search.vectors import store_image_vectors
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,7 @@ def _store(session: Session, claim: Claim, loaded: LoadedImage, runs: list[StepR
                             seller_id=listing.seller_id, settings=settings)
         runs = apply_writers(wctx, runs)
         store_runs(session, image, runs)
+        store_image_vectors(session, settings, image_id=image.id, listing_id=listing.id, runs=runs)
         complete = all(run.status == "ok" for run in runs) and {run.step for run in runs} >= set(settings.steps)
         finish_image(session, image, status="done", error=None, loaded=loaded, settings=settings,
                      complete=complete)

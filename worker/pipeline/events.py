@@ -28,6 +28,7 @@ from db import models as m
 from worker.intake.events import ListingEvent, printable
 from worker.pipeline.lease import db_now
 from worker.pipeline.store import LISTING_DELETED, end_pending_images
+from worker.search.vectors import remove_listing_vectors
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
     if event.type == "listing.deleted":
         listing.status = "deleted"
         ended = end_pending_images(session, listing.id, LISTING_DELETED)
+        remove_listing_vectors(session, listing.id)  # out of the visual search index at this commit
         if ended:
             log.info("listing %s deleted: %d pending image(s) failed with listing_deleted", event.listing.id, ended)
         return EventOutcome(event.event_id, "applied", listing.id)

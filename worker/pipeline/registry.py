@@ -31,6 +31,8 @@ STEP_REGISTRY: dict[str, str] = {
     "tagging": "worker.steps.tagging:TaggingStep",
     "detection": "worker.steps.detection:DetectionStep",
     "segmentation": "worker.steps.segmentation:SegmentationStep",
+    # visual search: the product-region embedding (issue 11, worker/search/)
+    "embedding": "worker.steps.embedding:EmbeddingStep",
 }
 
 

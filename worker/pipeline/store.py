@@ -38,7 +38,7 @@ from worker.pipeline.contract import StepRun
 log = logging.getLogger(__name__)
 
 # Tables holding one image's results, replaced as a whole when the image is analysed again.
-RESULT_TABLES = (m.Tag, m.Detection, m.StepRunRecord, m.ArtifactRecord, m.Embedding)
+RESULT_TABLES = (m.Tag, m.Detection, m.StepRunRecord, m.ArtifactRecord, m.Embedding, m.SearchVector)
 
 #: ``images.error`` of an image whose listing was deleted before it was analysed.
 LISTING_DELETED = "listing_deleted: the listing was deleted before this image was analysed"
