@@ -33,6 +33,39 @@ ROUTES = {
     "tasks.training.*": {"queue": "train"},
 }
 
+#: The queue image analysis goes to. Its name is historical (and public: deployments name it in
+#: ``-Q``): it is the image queue on every host, and a CPU-only deployment must consume it too.
+IMAGES_QUEUE = "gpu"
+
+#: Names ``catalog worker -Q`` accepts besides the queues themselves: ``images`` reads right on
+#: CPU-only hosts, where image tasks still travel on the ``gpu`` queue.
+QUEUE_ALIASES = {"images": (IMAGES_QUEUE,)}
+
+
+def routed_queues() -> list[str]:
+    """Every queue some task is routed to: each needs a consumer in a deployment."""
+    return sorted({route["queue"] for route in ROUTES.values()}, key=QUEUES.index)
+
+
+def expand_queues(text: str) -> list[str]:
+    """The queues a ``-Q`` value names, aliases expanded, duplicates dropped, in order.
+
+    Raises ValueError naming an unknown queue: a worker on a queue no task is routed to
+    would sit idle while the work it was meant for waits."""
+    out: list[str] = []
+    for name in (part.strip() for part in text.split(",")):
+        if not name:
+            continue
+        if name not in QUEUES and name not in QUEUE_ALIASES:
+            known = ", ".join([*QUEUES, *(f"{a} (= {','.join(q)})" for a, q in QUEUE_ALIASES.items())])
+            raise ValueError(f"unknown queue {name!r}; the queues are {known}")
+        for queue in QUEUE_ALIASES.get(name, (name,)):
+            if queue not in out:
+                out.append(queue)
+    if not out:
+        raise ValueError("no queue named")
+    return out
+
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("catalog", include=["tasks.events", "tasks.images", "tasks.maintenance", "tasks.training"])

@@ -103,18 +103,18 @@ def show_cmd(listing_id: str, as_json: bool) -> None:
 
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def status_cmd(as_json: bool) -> None:
+@click.option("--inspect-timeout", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
+              help="Seconds live workers get to answer (Redis broker).")
+def status_cmd(as_json: bool, inspect_timeout: float) -> None:
     """Backlog and health: listings and images by status, failures by code, open flags by kind,
-    queue depths and the event stream's pending entries and lag."""
-    from worker.reports.status import broker_status, database_status, render
+    images finished per minute (last 1/5/15 min) and the backlog's ETA, queue depths, the event
+    stream's pending entries and lag, one count of dead-lettered events, the live workers with
+    their queues, pool and concurrency, and a WARNING for every queue with work and no consumer."""
+    from worker.reports.status import collect_status, render
 
     settings = cli_settings()
     ensure_schema(settings)
-    status = database_status(settings)
-    try:
-        status.update(broker_status(settings))
-    except Exception as exc:  # noqa: BLE001 - still show the database side
-        status["broker_error"] = f"{type(exc).__name__}: {exc}"
+    status = collect_status(settings, inspect_timeout=inspect_timeout)
     click.echo(json.dumps(status, indent=2) if as_json else render(status))
 
 

@@ -139,10 +139,11 @@ def events_schema_cmd() -> None:
     click.echo(json.dumps(json_schema(), indent=2))
 
 
-from worker.cli import api, backfill, flags, labels, local, models, retrain, services, train, users  # noqa: E402  (commands register below)
+from worker.cli import api, backfill, flags, health, labels, local, models, retrain, services, train, users  # noqa: E402  (commands register below)
 
 for _command in (services.ingest_cmd, services.submit_cmd, services.worker_cmd, services.beat_cmd,
                  local.process_cmd, local.show_cmd, local.status_cmd, local.demo_cmd,
                  flags.flags, models.models, train.train, api.api_cmd, users.users, labels.labels_group,
                  retrain.retrain_cmd, backfill.backfill_cmd):
     main.add_command(_command)
+main.add_command(health.health)

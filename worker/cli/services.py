@@ -106,13 +106,17 @@ def _passthrough(name: str, help_text: str):
 @_passthrough("worker", """Start a Celery worker; extra arguments go to `celery worker`.
 
 \b
-Default queues: ingest,gpu,cpu,train (all). Where CUDA is visible (and CATALOG_DEVICE is not
+Default queues: ingest,gpu,cpu,train (all): one `catalog worker` on any host, CPU-only
+included, does every kind of work. Image analysis travels on the `gpu` queue on every host;
+`-Q images` is an alias for it. Where CUDA is visible (and CATALOG_DEVICE is not
 cpu) the default pool is `--pool threads --concurrency 8`: one CUDA context, one copy of each
 model, concurrent tasks batched together. Typical production split:
-  catalog worker -Q ingest,cpu --concurrency 8          # CPU boxes
-  catalog worker -Q gpu --pool threads --concurrency 8  # one per GPU: threads share one model
-                                                        # copy and feed the dynamic batcher
+  catalog worker -Q ingest,images,cpu --concurrency 4   # CPU-only deployment: events and images
+  catalog worker -Q ingest,cpu --concurrency 8          # CPU boxes next to GPU workers
+  catalog worker -Q images --pool threads --concurrency 8  # one per GPU: threads share one
+                                                        # model copy and feed the dynamic batcher
   catalog worker -Q train --concurrency 1               # retraining
+`catalog status` warns about a queue with work and no consumer.
 `catalog worker --help` shows Celery's own options.""")
 @click.pass_context
 def worker_cmd(ctx: click.Context) -> None:
@@ -123,6 +127,7 @@ def worker_cmd(ctx: click.Context) -> None:
         click.echo(ctx.command.help)
         click.echo("\nCelery worker options:\n")
     else:
+        args = _resolve_queues(args)
         preflight_or_exit(settings, runs_models=_runs_images(args))
         wait_for_database(settings)  # a worker may start before its database
         ensure_schema(settings)
@@ -132,6 +137,7 @@ def worker_cmd(ctx: click.Context) -> None:
 
     if not any(a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in args):
         args += ["-Q", ",".join(QUEUES)]
+    log.info("consuming queues %s", _option_value(args, "-Q", "--queues"))
     if not any(a.startswith(("-l", "--loglevel")) for a in args):
         args += ["--loglevel", settings.log_level]
     if settings.embedded_broker:
@@ -146,6 +152,28 @@ def worker_cmd(ctx: click.Context) -> None:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             args += ["--beat", "--schedule", str(settings.data_dir / "beat-schedule")]
     app.worker_main(["worker", *args])
+
+
+def _resolve_queues(args: list[str]) -> list[str]:
+    """``args`` with the -Q/--queues value expanded (aliases: ``images`` = the gpu queue that
+    image analysis travels on, whatever the device) or, without one, every queue; an unknown
+    queue name stops start-up (a worker on it would wait for work that never comes)."""
+    from worker.celery_app import QUEUES, expand_queues
+
+    value = _option_value(args, "-Q", "--queues")
+    try:
+        queues = list(QUEUES) if value is None else expand_queues(value)
+    except ValueError as exc:
+        raise click.ClickException(f"catalog worker --queues {value}: {exc}") from None
+    rest, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg in ("-Q", "--queues") and i + 1 < len(args):
+            skip = True
+        elif not (arg.startswith("--queues=") or (arg.startswith("-Q") and len(arg) > 2)):
+            rest.append(arg)
+    return [*rest, "-Q", ",".join(queues)]
 
 
 def _runs_images(args: list[str]) -> bool:

@@ -51,6 +51,15 @@ DEAD_CONSUMER_IDLE_MS = 600_000
 CONSUMER_CLEANUP_INTERVAL_S = 60.0
 #: Longest reason written to a dead letter (many validation errors can add up).
 MAX_REASON_CHARS = 2000
+#: How often the ingest loop refreshes its heartbeat key, and how long the key lives without it
+#: (`catalog health ingest` reads it).
+HEARTBEAT_INTERVAL_S = 10.0
+HEARTBEAT_TTL_S = 300
+
+
+def heartbeat_key(stream: str, host: str) -> str:
+    """The key a running `catalog ingest` on ``host`` refreshes: {"consumer", "at" (epoch s)}."""
+    return f"{stream}:heartbeat:{host}"
 
 # Check and delete in one atomic step: the consumer cannot receive an entry in between.
 # ARGV: group, the caller's own consumer name (never deleted), idle threshold in ms.
@@ -117,6 +126,7 @@ class StreamIngestor:
         self.stats = IngestStats()
         self._stop = False
         self._next_cleanup = 0.0
+        self._next_heartbeat = 0.0
 
     def ensure_group(self) -> None:
         try:
@@ -147,6 +157,7 @@ class StreamIngestor:
                 handled = self._reclaim()
                 self._cleanup_consumers_when_due()
                 handled += self._read_new(block_ms=200 if burst else self.block_ms)
+                self._heartbeat_when_due()
             except Exception as exc:  # Redis or the broker is away: nothing was acked, retry
                 if burst:
                     raise
@@ -162,6 +173,14 @@ class StreamIngestor:
                 break
         log.info("ingest stopped: %s", self.stats)
         return self.stats
+
+    def _heartbeat_when_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
+        self.client.set(heartbeat_key(self.stream, socket.gethostname()),
+                        json.dumps({"consumer": self.consumer, "at": time.time()}), ex=HEARTBEAT_TTL_S)
 
     def _own_pending(self) -> int:
         info = self.client.xpending_range(self.stream, self.group, min="-", max="+", count=1,

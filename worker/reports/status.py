@@ -1,12 +1,19 @@
-"""`catalog status`: backlog, failures and queues at a glance (for operators and alerts)."""
+"""`catalog status`: backlog, failures and queues at a glance (for operators and alerts).
+
+:func:`collect_status` is the whole report: :func:`database_status` (rows by status, failures,
+rates, backlog), :func:`broker_status` (queue depths, the event stream),
+:func:`workers_status` (the live workers, asked over Celery's remote control), and what follows
+from them: one dead-letter count and a warning for every queue with work and no consumer.
+"""
 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from db import models as m
 from db.session import transaction
@@ -14,6 +21,12 @@ from worker.config import Settings
 
 #: Keys kombu's Redis transport keeps delivered-but-unacknowledged messages under.
 UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
+
+#: Windows, minutes, over which images finished per minute are shown.
+RATE_WINDOWS_MIN = (1, 5, 15)
+#: The window whose rate gives the backlog's ETA: long enough to smooth one slow image, short
+#: enough to follow a worker that was added or stopped.
+ETA_WINDOW_MIN = 5
 
 
 def database_status(settings: Settings) -> dict[str, Any]:
@@ -45,8 +58,45 @@ def database_status(settings: Settings) -> dict[str, Any]:
             "failed_images_by_code": grouped(code, m.Image.status == "failed"),
             "open_flags_by_kind": grouped(m.Flag.kind, m.Flag.status == "open"),
             "listings_by_fraud_decision": grouped(m.Listing.fraud_decision, m.Listing.fraud_decision.is_not(None)),
+            # Deprecated in the report (kept for scripts): events `catalog submit` rejected; the
+            # one count to read is dead_lettered_events (collect_status).
             "dead_letters": session.execute(select(func.count()).select_from(m.DeadLetter)).scalar_one(),
+            **_rates(session, now, count(pending)),
         }
+
+
+def _rates(session: Session, now: datetime, pending: int) -> dict[str, Any]:
+    """Images finished (done or failed, by ``images.processed_at``) per minute over the last
+    1/5/15 minutes, and the backlog's ETA at the 5-minute rate (unknown when that is 0)."""
+    per_min: dict[str, float] = {}
+    for minutes in RATE_WINDOWS_MIN:
+        since = now - timedelta(minutes=minutes)
+        finished = session.execute(
+            select(func.count()).select_from(m.Image)
+            .where(m.Image.status.in_(("done", "failed")), m.Image.processed_at >= since)).scalar_one()
+        per_min[f"{minutes}m"] = round(int(finished) / minutes, 2)
+    rate = per_min[f"{ETA_WINDOW_MIN}m"]
+    if pending == 0:
+        eta_s: int | None = 0
+        eta = "none (no backlog)"
+    elif rate > 0:
+        eta_s = round(pending / rate * 60)
+        eta = _duration(eta_s)
+    else:
+        eta_s, eta = None, f"unknown (no image finished in the last {ETA_WINDOW_MIN} min)"
+    return {"images_per_min": per_min,
+            "backlog": {"pending_images": pending, "eta_s": eta_s, "eta": eta,
+                        "at_images_per_min": rate}}
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def broker_status(settings: Settings) -> dict[str, Any]:
@@ -77,12 +127,125 @@ def broker_status(settings: Settings) -> dict[str, Any]:
     return out
 
 
+def workers_status(settings: Settings, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The live workers by node name: the queues each consumes, its pool and concurrency, asked
+    over Celery's remote control (each node answers within ``timeout`` seconds or is not
+    counted). None where that cannot be known: the filesystem broker has no remote control."""
+    if settings.embedded_broker:
+        return None
+    from worker.celery_app import make_celery
+
+    app = make_celery(settings)
+    try:
+        inspect = app.control.inspect(timeout=timeout)
+        queues: dict[str, Any] = inspect.active_queues() or {}
+        stats: dict[str, Any] = (inspect.stats() or {}) if queues else {}
+    finally:
+        app.close()
+    workers: dict[str, Any] = {}
+    for node in sorted(queues):
+        pool = (stats.get(node) or {}).get("pool") or {}
+        implementation = str(pool.get("implementation", ""))  # "celery.concurrency.prefork:TaskPool"
+        workers[node] = {
+            "queues": sorted((q["name"] for q in queues[node]), key=_queue_order),
+            "pool": implementation.rpartition(".")[2].partition(":")[0] or None,
+            "concurrency": pool.get("max-concurrency"),
+        }
+    return workers
+
+
+def _queue_order(name: str) -> tuple[int, str]:
+    from worker.celery_app import QUEUES
+
+    return (QUEUES.index(name) if name in QUEUES else len(QUEUES), name)
+
+
+def unconsumed_queue_warnings(queued: dict[str, int], workers: dict[str, Any]) -> list[str]:
+    """One sentence per queue that holds messages while no live worker consumes it."""
+    from worker.celery_app import IMAGES_QUEUE
+
+    consumed = {q for info in workers.values() for q in info["queues"]}
+    warnings = []
+    for queue, depth in queued.items():
+        if depth and queue not in consumed:
+            hint = (f"start `catalog worker -Q {queue}`" if queue != IMAGES_QUEUE else
+                    "start `catalog worker -Q images` (image analysis; on a CPU-only host "
+                    "`catalog worker -Q ingest,images,cpu`)")
+            warnings.append(f"queue {queue!r} holds {depth} message(s) and no live worker consumes it: {hint}")
+    return warnings
+
+
+def collect_status(settings: Settings, inspect_timeout: float = 1.0) -> dict[str, Any]:
+    """The whole `catalog status` report. The broker side and the workers are best effort: when
+    the broker cannot be reached the database side is still shown, with the error."""
+    status = database_status(settings)
+    status["warnings"] = []
+    try:
+        status.update(broker_status(settings))
+    except Exception as exc:  # noqa: BLE001 - still show the database side
+        status["broker_error"] = f"{type(exc).__name__}: {exc}"
+    stream_dead = (status.get("events_stream") or {}).get("dead_letters")
+    if "broker_error" in status and not settings.embedded_broker:
+        status["dead_lettered_events"] = None  # the stream's part is unknown
+    else:
+        status["dead_lettered_events"] = status["dead_letters"] + (stream_dead or 0)
+    if "broker_error" in status:
+        status["workers"] = None
+        return status
+    workers = workers_status(settings, inspect_timeout)
+    status["workers"] = workers
+    if workers is not None:
+        status["warnings"] = unconsumed_queue_warnings(status["queued"], workers)
+    return status
+
+
+#: Keys :func:`render` shows its own way (or, for deprecated counts, folds into one line).
+_SPECIAL = frozenset({"warnings", "workers", "images_per_min", "backlog", "dead_letters",
+                      "dead_lettered_events"})
+
+
 def render(status: dict[str, Any]) -> str:
     lines = []
     for key, value in status.items():
+        if key in _SPECIAL:
+            continue
         if isinstance(value, dict):
-            inner = ", ".join(f"{k}={v}" for k, v in value.items()) if value else "-"
+            shown = {k: v for k, v in value.items() if not (key == "events_stream" and k == "dead_letters")}
+            inner = ", ".join(f"{k}={v}" for k, v in shown.items()) if shown else "-"
             lines.append(f"{key:28} {inner}")
         else:
             lines.append(f"{key:28} {value}")
+    if "images_per_min" in status:
+        rates = ", ".join(f"{window}: {rate:g}" for window, rate in status["images_per_min"].items())
+        lines.append(f"{'images finished per min':28} {rates}")
+        backlog = status["backlog"]
+        lines.append(f"{'backlog':28} {backlog['pending_images']} pending image(s), ETA {backlog['eta']}")
+    if "dead_lettered_events" in status:
+        lines.append(_render_dead_letters(status))
+    if "workers" in status:
+        lines.extend(_render_workers(status["workers"]))
+    lines.extend(f"WARNING: {warning}" for warning in status.get("warnings") or [])
     return "\n".join(lines)
+
+
+def _render_dead_letters(status: dict[str, Any]) -> str:
+    total = status["dead_lettered_events"]
+    submit = status["dead_letters"]
+    stream = (status.get("events_stream") or {}).get("dead_letters")
+    parts = [f"{submit} by catalog submit in table dead_letters"]
+    if stream is not None:
+        parts.insert(0, f"{stream} by catalog ingest in its dead-letter stream")
+    shown = "unknown (broker unreachable)" if total is None else str(total)
+    return f"{'dead-lettered events':28} {shown}  (invalid events set aside, never applied: {', '.join(parts)})"
+
+
+def _render_workers(workers: dict[str, Any] | None) -> list[str]:
+    if workers is None:
+        return [f"{'workers':28} unknown (no remote control on the filesystem broker, or broker unreachable)"]
+    if not workers:
+        return [f"{'workers':28} none answered"]
+    lines = [f"{'workers':28} {len(workers)} live"]
+    for node, info in workers.items():
+        lines.append(f"  {node:26} queues={','.join(info['queues'])} pool={info['pool']} "
+                     f"concurrency={info['concurrency']}")
+    return lines
