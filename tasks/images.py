@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from tasks.base import DatabaseTask
+from tasks.outbound import relay_now
 from worker.celery_app import ANALYZE_IMAGE_TASK, app
 from worker.pipeline.analyze import analyze_image as analyze
 from worker.pipeline.lease import Holder
@@ -27,4 +28,5 @@ def analyze_image(self: DatabaseTask, image_id: int) -> str:
         # The fetch budget was checked above (retry_transient), so Celery's count must not stop it.
         raise self.retry(countdown=countdown, max_retries=self.request.retries + 1)
     log.info("image %s: %s %s", image_id, outcome.status, outcome.detail)
+    relay_now(settings)  # a listing this image finished is announced now, not at the next sweep
     return outcome.status

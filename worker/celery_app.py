@@ -25,12 +25,16 @@ HANDLE_EVENT_TASK = "tasks.events.handle_event"
 ANALYZE_IMAGE_TASK = "tasks.images.analyze_image"
 REQUEUE_STALE_TASK = "tasks.maintenance.requeue_stale_images"
 RETRAIN_TASK = "tasks.training.retrain"
+#: Outbound events (worker/outbound): publish the outbox, POST one event to the webhook.
+RELAY_OUTBOX_TASK = "tasks.outbound.relay_outbox"
+DELIVER_WEBHOOK_TASK = "tasks.outbound.deliver_webhook"
 
 ROUTES = {
     "tasks.events.*": {"queue": "ingest"},
     "tasks.images.*": {"queue": "gpu"},
     "tasks.maintenance.*": {"queue": "cpu"},
     "tasks.training.*": {"queue": "train"},
+    "tasks.outbound.*": {"queue": "cpu"},
 }
 
 #: The queue image analysis goes to. Its name is historical (and public: deployments name it in
@@ -68,7 +72,8 @@ def expand_queues(text: str) -> list[str]:
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("catalog", include=["tasks.events", "tasks.images", "tasks.maintenance", "tasks.training"])
+    app = Celery("catalog", include=["tasks.events", "tasks.images", "tasks.maintenance", "tasks.training",
+                                         "tasks.outbound"])
     broker_options: dict[str, object] = {
         "visibility_timeout": settings.visibility_timeout,
         "unacked_restore_interval": settings.restore_sweep_seconds,
@@ -113,6 +118,9 @@ def make_celery(settings: Settings) -> Celery:
                 "task": REQUEUE_STALE_TASK,
                 "schedule": 300.0,
             },
+            # Outbound events the task right after their commit could not publish (Redis down,
+            # a killed worker, verdicts from the review service or the CLI); also prunes old rows.
+            "relay-outbox": {"task": RELAY_OUTBOX_TASK, "schedule": 15.0},
             **retrain_schedule(settings),
         },
     )

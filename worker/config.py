@@ -51,7 +51,8 @@ DEFAULT_STEPS = (
 FRAUD_FLAG_KINDS = ("duplicate_image", "contact_info", "nsfw", "tampered", "category_mismatch", "low_quality")
 
 #: Settings that may be read from a file named by ``CATALOG_<NAME>_FILE`` (Docker/Kubernetes secrets).
-SECRET_FILE_FIELDS = ("database_url", "broker_url", "redis_url", "api_secret")
+SECRET_FILE_FIELDS = ("database_url", "broker_url", "redis_url", "api_secret",
+                      "results_redis_url", "webhook_secret")  # the last two: outbound events
 
 
 class ConfigError(RuntimeError):
@@ -182,6 +183,47 @@ class Settings(BaseSettings):
         description="Seconds a task keeps retrying while the database is unreachable (exponential "
         "backoff with full jitter, at most 60 s apart) before it gives up; an image left pending "
         "then is re-queued by the stale sweep.",
+    )
+
+    # --- outbound events: listing.processed (worker/outbound/, docs/events.md#results) -------
+    results_stream: str = Field(
+        "catalog:results", description="Redis stream that receives a `listing.processed` event per finished "
+        "or re-scored listing."
+    )
+    results_maxlen: int = Field(
+        1_000_000, ge=0,
+        description="Approximate length the results stream is trimmed to (XADD MAXLEN ~); 0 = never trimmed.",
+    )
+    results_redis_url: str | None = Field(
+        None,
+        description="Redis that receives the results stream. Default: with a redis:// broker, the Redis of "
+        "the event stream (CATALOG_REDIS_URL, else the broker); with the embedded broker: off (local runs "
+        "need no Redis). `off` turns publishing off.",
+    )
+    webhook_url: str | None = Field(
+        None,
+        description="http(s) URL that is POSTed every `listing.processed` event (signed with "
+        "CATALOG_WEBHOOK_SECRET). It must pass the image-fetch address checks: a private or loopback "
+        "target needs CATALOG_FETCH_ALLOW_HOSTS. Unset: no webhook.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="HMAC-SHA256 key of the webhook's X-Catalog-Signature header; required with "
+        "CATALOG_WEBHOOK_URL.",
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="Seconds one webhook POST may take in all.")
+    webhook_retries: int = Field(
+        8, ge=0,
+        description="Retries of a failed webhook POST (exponential backoff from 2 s, at most "
+        "CATALOG_WEBHOOK_RETRY_MAX apart) before the event is dead-lettered.",
+    )
+    webhook_retry_max: int = Field(
+        600, ge=1, description="Longest wait between two webhook retries, seconds."
+    )
+    outbox_retention_days: int = Field(
+        7, ge=1,
+        description="Outbox rows already published (and delivered or dead-lettered) are deleted after "
+        "this many days by the beat sweep.",
     )
 
     # --- compute -------------------------------------------------------------------
@@ -473,6 +515,37 @@ class Settings(BaseSettings):
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
 
+    @field_validator("results_redis_url")
+    @classmethod
+    def _check_results_redis_url(cls, value: str | None) -> str | None:
+        # outbound events: `off`, or a Redis URL.
+        if value is None or value.strip().lower() in ("", "off"):
+            return value
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// or rediss:// URL, or off")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        # outbound events: the address itself is checked when it is posted to (it may change in DNS).
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("must not embed credentials; the request is signed with CATALOG_WEBHOOK_SECRET")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_needs_secret(self) -> Settings:
+        # outbound events: an unsigned webhook could not be told apart from a forged one.
+        if self.webhook_url and (self.webhook_secret is None or not self.webhook_secret.get_secret_value()):
+            raise ValueError("CATALOG_WEBHOOK_SECRET (or CATALOG_WEBHOOK_SECRET_FILE) is required when "
+                             "CATALOG_WEBHOOK_URL is set")
+        return self
+
     @model_validator(mode="after")
     def _visibility_covers_tasks(self) -> Settings:
         # Redis would hand a still-running task to a second worker otherwise.
@@ -501,6 +574,21 @@ class Settings(BaseSettings):
     @property
     def effective_sr_target_side(self) -> int:
         return self.sr_target_side or self.sr_min_side
+
+    @property
+    def effective_results_redis_url(self) -> str | None:
+        """Where `listing.processed` events are XADDed, or None when the results stream is off
+        (outbound events): an explicit CATALOG_RESULTS_REDIS_URL; else, with a Redis broker, the
+        Redis of the event stream (CATALOG_REDIS_URL, else the broker); with the embedded broker:
+        off, so local runs never need Redis."""
+        value = (self.results_redis_url or "").strip()
+        if value.lower() == "off":
+            return None
+        if value:
+            return value
+        if self.embedded_broker:
+            return None
+        return self.effective_redis_url
 
     @property
     def broker_dir(self) -> Path:
@@ -552,7 +640,7 @@ def _describe(error: ValidationError) -> str:
         if item["loc"]:
             field = str(item["loc"][0])
             shown = item.get("input")
-            if field == "api_secret":
+            if field in ("api_secret", "webhook_secret"):
                 shown = "**********"
             elif isinstance(shown, str):
                 shown = redact_url(shown)  # a refused URL may still carry a password

@@ -132,8 +132,16 @@ def db_downgrade(revision: str) -> None:
 
 
 @main.command("events-schema")
-def events_schema_cmd() -> None:
+@click.option("--results", is_flag=True,
+              help="Print the schema of the listing.processed events catalog-worker publishes instead "
+              "(docs/results.schema.json).")
+def events_schema_cmd(results: bool) -> None:
     """Print the JSON Schema of listing events (docs/events.schema.json)."""
+    if results:
+        from worker.outbound.schema import results_schema
+
+        click.echo(json.dumps(results_schema(), indent=2))
+        return
     from worker.intake.events import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))

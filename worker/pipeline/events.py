@@ -25,7 +25,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from db import models as m
+from worker.config import get_settings
 from worker.intake.events import ListingEvent, printable
+from worker.outbound.outbox import record_listing_event
 from worker.pipeline.lease import db_now
 from worker.pipeline.store import LISTING_DELETED, end_pending_images
 from worker.search.vectors import remove_listing_vectors
@@ -115,6 +117,8 @@ def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
     else:
         listing.status = "done"
         listing.processed_at = m.utcnow()
+        # Nothing to analyse: finished right here (listing.processed, in this transaction).
+        record_listing_event(session, listing, get_settings(), "processed")
     session.flush()
     return EventOutcome(event.event_id, "applied", listing.id, to_analyze)
 

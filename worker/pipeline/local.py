@@ -43,4 +43,23 @@ def run_in_process(settings: Settings, refs: list[str], seller: str, category: s
             result = analyze_image(session, image_id, settings, max_attempts=settings.max_attempts)
         if not show:
             log.info("image %s: %s %s", image_id, result.status, result.detail)
+    announce(settings)
     return external_id
+
+
+def announce(settings: Settings) -> None:
+    """Publish the listing.processed events this run recorded, when a results stream or a
+    webhook is configured (neither is by default: a local run needs no Redis). Best effort: a
+    failure is logged and the rows stay in the outbox for a deployment's relay sweep."""
+    from worker.outbound.outbox import outbound_enabled
+    from worker.outbound.publish import relay
+    from worker.outbound.webhook import deliver
+
+    if not outbound_enabled(settings):
+        return
+    try:
+        report = relay(settings)
+        for outbox_id in report.webhook_ids:  # one attempt here; no retries without a worker
+            deliver(settings, outbox_id, final=False)
+    except Exception as exc:  # noqa: BLE001 - the results are stored; announcing them is extra
+        log.warning("could not publish listing.processed: %s", exc)

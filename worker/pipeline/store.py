@@ -33,6 +33,7 @@ from worker.fraud.champion import champion_fraud_score
 from worker.fraud.score import FraudScore
 from worker.io.hashing import to_signed64
 from worker.io.load import LoadedImage
+from worker.outbound.outbox import record_listing_event
 from worker.pipeline.contract import StepRun
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ def finish_listing_if_complete(session: Session, listing_id: int, settings: Sett
     listing.status = "done"
     listing.processed_at = m.utcnow()
     update_fraud_score(session, listing, settings)
+    # listing.processed, in this transaction: it commits with the final state or not at all.
+    record_listing_event(session, listing, settings, "processed")
     return True
 
 

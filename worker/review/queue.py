@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, object_session
 from db import models as m
 from worker.config import Settings
 from worker.labels.review import record_flag_verdict
+from worker.outbound.outbox import record_listing_event
 from worker.pipeline.store import lock_listing, update_fraud_score
 
 VERDICTS = ("confirmed", "dismissed")
@@ -291,6 +292,8 @@ def resolve_flag(session: Session, flag_id: int, reviewer: str, verdict: str,
     record_flag_verdict(session, flag.id, verdict, reviewer, note=note,
                         heldout=settings.label_heldout_percent)
     update_fraud_score(session, listing, settings)
+    if listing.status == "done":  # the shop hears of the new decision (listing.processed, rescored)
+        record_listing_event(session, listing, settings, "rescored")
     return FlagView.of(flag)
 
 

@@ -35,6 +35,7 @@ from db import models as m
 from db.session import session_factory, transaction
 from worker.config import Settings
 from worker.fraud.champion import fraud_weights
+from worker.outbound.outbox import record_listing_event
 from worker.pipeline.registry import STEP_REGISTRY, get_step, safe_version
 from worker.pipeline.store import lock_image, lock_listing, update_fraud_score
 from worker.steps.tagging import ATTRIBUTE_PREFIX
@@ -138,7 +139,10 @@ def rescore(settings: Settings, listing_id: int) -> None:
     with transaction(settings.effective_database_url) as session:
         listing = lock_listing(session, listing_id)
         if listing.status == "done":
+            before = (listing.fraud_score, listing.fraud_decision)
             update_fraud_score(session, listing, settings)
+            if (listing.fraud_score, listing.fraud_decision) != before:  # listing.processed, rescored
+                record_listing_event(session, listing, settings, "rescored")
 
 
 def _ids(fetch: Callable[[int], list[int]], after: int) -> Iterator[int]:

@@ -1,0 +1,193 @@
+"""listing.processed goes into the outbox in the transaction that finishes (or re-scores) the
+listing, once per completion, valid against the published schema; the relay puts it on the
+results stream (issue 13, item 8)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from db import models as m
+from db.session import dispose_engines, session_factory, transaction
+from tests.support.pipeline import analyze_all, apply, event, photo
+from tests.support.services import REDIS_URL, TrackingRedis, unique
+from worker.config import get_settings, load_settings
+from worker.outbound.outbox import build_listing_processed, failure_code
+from worker.outbound.publish import relay
+from worker.outbound.schema import SchemaError, results_schema, validate_payload
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_client: TrackingRedis) -> Iterator[dict]:
+    """Settings (in the environment, as a worker reads them) with a results stream of its own."""
+    stream = unique("results")
+    for key, value in {"DATABASE_URL": db_url, "DATA_DIR": str(tmp_path / "data"), "STEPS": "metadata,quality",
+                       "FETCH_ALLOW_DIRS": str(tmp_path), "RESULTS_REDIS_URL": REDIS_URL,
+                       "RESULTS_STREAM": stream}.items():
+        monkeypatch.setenv(f"CATALOG_{key}", value)
+    yield {"url": db_url, "stream": stream, "redis": redis_client, "tmp": tmp_path}
+    dispose_engines()
+
+
+def outbox_rows(url: str, external_id: str) -> list[m.OutboxEvent]:
+    with session_factory(url)() as session:
+        return list(session.scalars(select(m.OutboxEvent).where(m.OutboxEvent.listing_external_id == external_id)
+                                    .order_by(m.OutboxEvent.id)))
+
+
+def finish(env: dict, listing: str, refs: list[str], **kwargs: object) -> dict:
+    payload = event(listing, refs, **kwargs)  # type: ignore[arg-type]
+    outcome = apply(env["url"], payload)
+    analyze_all(env["url"], get_settings(), outcome.images_to_analyze)
+    return payload
+
+
+def test_finishing_a_listing_records_one_valid_event_and_relay_publishes_it(env: dict) -> None:
+    tmp, listing = env["tmp"], unique("L")
+    refs = [photo(tmp / "a.png"), str(tmp / "missing.png")]
+    payload = finish(env, listing, refs)
+
+    (row,) = outbox_rows(env["url"], listing)
+    assert row.reason == "processed" and row.published_at is None and row.webhook_status is None
+    body = row.payload
+    validate_payload(body)
+    assert body["listing"]["id"] == listing and body["source_event_id"] == payload["event_id"]
+    assert [(img["status"], img["failure_code"]) for img in body["images"]] == [("done", None), ("failed", "not_found")]
+    assert body["decision"] in ("review", "hold", "incomplete")  # a failed image is never vouched for
+    assert {flag["kind"] for flag in body["flags"]} == {"low_quality"}  # 64x48 px
+    assert set(body["model_versions"]) == {"metadata", "quality"}
+
+    # The same event again, and the finished images analysed again (a duplicated message):
+    # nothing new is recorded for the same completion.
+    outcome = apply(env["url"], payload)
+    analyze_all(env["url"], get_settings(), [img["id"] for img in body["images"]])
+    assert outcome.images_to_analyze == [] and len(outbox_rows(env["url"], listing)) == 1
+
+    report = relay(get_settings())
+    assert report.published >= 1 and report.error is None
+    (row,) = outbox_rows(env["url"], listing)
+    assert row.published_at is not None and row.stream_id
+    entries = env["redis"].xrange(env["stream"])
+    mine = [fields for _id, fields in entries if fields[b"event_id"].decode() == row.event_id]
+    assert len(mine) == 1 and json.loads(mine[0][b"event"]) == body
+    relay(get_settings())  # a published row is never published again by the relay
+    again = [f for _id, f in env["redis"].xrange(env["stream"]) if f[b"event_id"] == mine[0][b"event_id"]]
+    assert len(again) == 1
+
+
+def test_a_new_event_is_a_new_completion(env: dict) -> None:
+    listing = unique("L")
+    finish(env, listing, [photo(env["tmp"] / "a.png")])
+    finish(env, listing, [photo(env["tmp"] / "b.png", colour=(10, 200, 10))], etype="listing.updated")
+    rows = outbox_rows(env["url"], listing)
+    assert [r.reason for r in rows] == ["processed", "processed"]
+    assert rows[0].event_id != rows[1].event_id
+
+
+def test_a_listing_left_with_nothing_to_analyse_is_announced(env: dict) -> None:
+    listing = unique("L")
+    finish(env, listing, [])
+    (row,) = outbox_rows(env["url"], listing)
+    assert row.payload["images"] == [] and row.payload["listing"]["status"] == "done"
+
+
+def test_review_verdict_records_a_rescored_event(env: dict) -> None:
+    from worker.review import queue
+
+    listing = unique("L")
+    finish(env, listing, [photo(env["tmp"] / "a.png")])
+    with transaction(env["url"]) as session:
+        flag_id = session.scalar(select(m.Flag.id).join(m.Listing).where(m.Listing.external_id == listing))
+    assert flag_id is not None
+    with transaction(env["url"]) as session:
+        queue.claim_flag(session, flag_id, "alice")
+    with transaction(env["url"]) as session:
+        queue.resolve_flag(session, flag_id, "alice", "dismissed", settings=get_settings())
+    rows = outbox_rows(env["url"], listing)
+    assert [r.reason for r in rows] == ["processed", "rescored"]
+    validate_payload(rows[1].payload)
+    assert [f["status"] for f in rows[1].payload["flags"]] == ["dismissed"]
+    assert rows[1].payload["decision"] == "ok"
+
+
+def test_backfill_rescore_records_an_event_only_when_the_score_changed(env: dict, monkeypatch: pytest.MonkeyPatch
+                                                                       ) -> None:
+    from worker.training.backfill import rescore
+
+    listing = unique("L")
+    finish(env, listing, [photo(env["tmp"] / "a.png")])
+    with transaction(env["url"]) as session:
+        listing_id = session.scalar(select(m.Listing.id).where(m.Listing.external_id == listing))
+    assert listing_id is not None
+    rescore(get_settings(), listing_id)  # same weights: same score, nothing to tell
+    assert [r.reason for r in outbox_rows(env["url"], listing)] == ["processed"]
+    rescore(load_settings(fraud_weights={"low_quality": 0.0}), listing_id)
+    assert [r.reason for r in outbox_rows(env["url"], listing)] == ["processed", "rescored"]
+
+
+def test_nothing_is_recorded_without_a_results_stream_or_webhook(db_url: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded broker alone: local runs never need Redis, and write no outbox rows."""
+    for key, value in {"DATABASE_URL": db_url, "DATA_DIR": str(tmp_path / "data"), "STEPS": "metadata",
+                       "FETCH_ALLOW_DIRS": str(tmp_path)}.items():
+        monkeypatch.setenv(f"CATALOG_{key}", value)
+    assert get_settings().effective_results_redis_url is None
+    listing = unique("L")
+    outcome = apply(db_url, event(listing, [photo(tmp_path / "a.png")]))
+    analyze_all(db_url, get_settings(), outcome.images_to_analyze)
+    assert outbox_rows(db_url, listing) == []
+    dispose_engines()
+
+
+def test_results_stream_defaults(tmp_path: Path) -> None:
+    base = {"data_dir": tmp_path}
+    assert load_settings(**base).effective_results_redis_url is None
+    assert load_settings(**base, redis_url="redis://r:6379/1").effective_results_redis_url is None
+    assert load_settings(**base, broker_url="redis://b:6379/0").effective_results_redis_url == "redis://b:6379/0"
+    assert load_settings(**base, broker_url="redis://b:6379/0", redis_url="redis://r:6379/1"
+                         ).effective_results_redis_url == "redis://r:6379/1"
+    assert load_settings(**base, broker_url="redis://b:6379/0", results_redis_url="off"
+                         ).effective_results_redis_url is None
+    assert load_settings(**base, results_redis_url="redis://x:6379/3").effective_results_redis_url == "redis://x:6379/3"
+
+
+def test_a_payload_that_breaks_the_schema_is_refused_at_the_source(db_url: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_DATABASE_URL", db_url)
+    listing = unique("L")
+    apply(db_url, event(listing, []))
+    with transaction(db_url) as session:
+        row = session.scalars(select(m.Listing).where(m.Listing.external_id == listing)).one()
+        row.fraud_decision = "maybe"  # a bug somewhere upstream
+        with pytest.raises(SchemaError, match="decision"):
+            build_listing_processed(session, row, "processed")
+        with pytest.raises(ValueError, match="reason"):
+            build_listing_processed(session, row, "because")
+        session.rollback()
+    dispose_engines()
+
+
+def test_failure_code() -> None:
+    assert failure_code("not_found: no such file") == "not_found"
+    assert failure_code(None) is None and failure_code("odd") is None
+
+
+def test_published_schema_file_is_the_code_and_the_cli_prints_both() -> None:
+    from worker.cli.main import main
+    from worker.intake.events import json_schema
+
+    assert json.loads((ROOT / "docs" / "results.schema.json").read_text()) == results_schema(), \
+        "regenerate with `catalog events-schema --results > docs/results.schema.json`"
+    runner = CliRunner()
+    default = runner.invoke(main, ["events-schema"])
+    assert default.exit_code == 0 and json.loads(default.output) == json_schema()  # unchanged
+    results = runner.invoke(main, ["events-schema", "--results"])
+    assert results.exit_code == 0 and json.loads(results.output) == results_schema()
+    assert "--results" in runner.invoke(main, ["events-schema", "--help"]).output
