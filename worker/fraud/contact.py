@@ -6,7 +6,8 @@ PP-OCRv4 models that ship inside ``rapidocr-onnxruntime`` (no download), then pl
 find the contact details in it. Each finding keeps the text as read and its box, so a
 reviewer sees exactly what was found where.
 
-The OCR runs as a model of the shared runtime (:class:`PpOcr`, onnxruntime underneath);
+The OCR runs as a model of the shared runtime (:class:`PpOcr`: onnxruntime underneath on the
+CPU, the same three graphs on torch on CUDA, ``CATALOG_ONNX_BACKEND``);
 the step's version is ``contact@<rules>:pp-ocrv4@<digest of the three graph files>``.
 
 Weak spots: stylised or very small text is missed by the OCR; an obfuscated address
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 
 from worker.config import Settings
-from worker.models.backends import Backend, PipelineBackend
+from worker.models.backends import Backend, PipelineBackend, TorchBackend, onnx_to_torch
 from worker.models.common import fit_within, package_file, pad_to_aspect, rgb
 from worker.models.runtime import ModelUnavailable, Prepared, VisionModel, model_for
 from worker.pipeline.contract import Flag, ImageContext, StepResult
@@ -180,12 +181,22 @@ class PpOcr(VisionModel[list[OcrLine]]):
         except ImportError as exc:
             raise ModelUnavailable(f"{OCR_NEEDS}: {exc}") from None
         det, cls, rec = self.weights()
-        cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        on_torch = self.onnx_engine == "torch"
+        cuda = (not on_torch and self.device.type == "cuda"
+                and "CUDAExecutionProvider" in ort.get_available_providers())
         engine = RapidOCR(
             intra_op_num_threads=self.torch_threads or 2, inter_op_num_threads=1,
             det_model_path=str(det), cls_model_path=str(cls), rec_model_path=str(rec),
             det_use_cuda=cuda, cls_use_cuda=cuda, rec_use_cuda=cuda,
         )
+        if on_torch:
+            # rapidocr keeps its pre- and post-processing; its three graphs run on torch (the
+            # CUDA path, CATALOG_ONNX_BACKEND): same graphs, same outputs within 1e-4.
+            engine.text_det.infer = _TorchGraph(TorchBackend(onnx_to_torch(det), self.device, self.autocast_dtype))
+            engine.text_cls.infer = _TorchGraph(TorchBackend(onnx_to_torch(cls), self.device, self.autocast_dtype))
+            engine.text_rec.session = _TorchGraph(TorchBackend(onnx_to_torch(rec), self.device,
+                                                               self.autocast_dtype))
+            return PipelineBackend(lambda bgr: engine(bgr)[0], self.device, engine="rapidocr-torch")
         device = torch.device("cuda" if cuda else "cpu")
         return PipelineBackend(lambda bgr: engine(bgr)[0], device, engine="rapidocr-onnxruntime")
 
@@ -212,6 +223,16 @@ class PpOcr(VisionModel[list[OcrLine]]):
                 float(np.clip(xs.min(), 0, width)), float(np.clip(ys.min(), 0, height)),
                 float(np.clip(xs.max(), 0, width)), float(np.clip(ys.max(), 0, height)))))
         return lines
+
+
+class _TorchGraph:
+    """Stands in for one of rapidocr's onnxruntime sessions: ``graph(x) -> [y]`` on numpy."""
+
+    def __init__(self, backend: TorchBackend) -> None:
+        self.backend = backend
+
+    def __call__(self, array: np.ndarray) -> list[np.ndarray]:
+        return [self.backend.forward(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))).numpy()]
 
 
 def ocr_model(settings: Settings) -> PpOcr:
@@ -245,8 +266,8 @@ class ContactInfoStep:
         return f"{self.RULES}:{ocr_model(settings).version}"
 
     def run(self, ctx: ImageContext) -> StepResult:
-        lines = [ln for ln in ocr_model(ctx.settings).infer(ctx.image)
-                 if ln.confidence >= ctx.settings.contact_min_confidence]
+        model = ocr_model(ctx.settings)
+        lines = [ln for ln in model.infer(ctx.image) if ln.confidence >= ctx.settings.contact_min_confidence]
         matches: list[dict[str, Any]] = []
         seen: set[tuple[str, str]] = set()
         for row in _rows(lines):
@@ -264,7 +285,7 @@ class ContactInfoStep:
                            max(ln.box[2] for ln in group), max(ln.box[3] for ln in group))
                     matches.append({**found.to_dict(), "box": [round(v, 1) for v in box],
                                     "confidence": round(min(ln.confidence for ln in group), 3)})
-        data = {"text": [ln.text for ln in lines], "matches": len(matches)}
+        data = {"text": [ln.text for ln in lines], "matches": len(matches), "engine": model.loaded_engine}
         if not matches:
             return StepResult(data=data)
         kinds = sorted({mm["type"] for mm in matches})

