@@ -171,6 +171,7 @@ class StreamIngestor:
                 break
             if burst and handled == 0 and not self._own_pending():
                 break
+        self._clear_heartbeat()
         log.info("ingest stopped: %s", self.stats)
         return self.stats
 
@@ -181,6 +182,15 @@ class StreamIngestor:
         self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
         self.client.set(heartbeat_key(self.stream, socket.gethostname()),
                         json.dumps({"consumer": self.consumer, "at": time.time()}), ex=HEARTBEAT_TTL_S)
+
+    def _clear_heartbeat(self) -> None:
+        """A stopped ingest reports nothing: its heartbeat goes at once, not after its TTL."""
+        if not self._next_heartbeat:
+            return
+        try:
+            self.client.delete(heartbeat_key(self.stream, socket.gethostname()))
+        except redis.RedisError as exc:  # it expires on its own
+            log.debug("ingest: heartbeat not removed: %s", exc)
 
     def _own_pending(self) -> int:
         info = self.client.xpending_range(self.stream, self.group, min="-", max="+", count=1,

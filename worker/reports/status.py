@@ -192,7 +192,12 @@ def collect_status(settings: Settings, inspect_timeout: float = 1.0) -> dict[str
     if "broker_error" in status:
         status["workers"] = None
         return status
-    workers = workers_status(settings, inspect_timeout)
+    try:
+        workers = workers_status(settings, inspect_timeout)
+    except Exception as exc:  # noqa: BLE001 - the broker went away between the two looks
+        status["workers"] = None
+        status["workers_error"] = f"{type(exc).__name__}: {exc}"
+        return status
     status["workers"] = workers
     if workers is not None:
         status["warnings"] = unconsumed_queue_warnings(status["queued"], workers)

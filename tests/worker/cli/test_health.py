@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 from click.testing import CliRunner, Result
 
 from tests.support.services import REDIS_URL, TrackingRedis, unique
@@ -84,11 +85,22 @@ def test_ingest_health_follows_the_heartbeat_of_the_ingest_loop(monkeypatch, tmp
     assert absent.exit_code == 1 and "has no heartbeat in Redis" in absent.output
 
     settings = load_settings(redis_url=REDIS_URL, events_stream=stream, data_dir=tmp_path / "data")
-    StreamIngestor(redis_client, settings, publish=lambda _event: None, consumer="c1").run(burst=True)
+    ingestor = StreamIngestor(redis_client, settings, publish=lambda _event: None, consumer="c1", block_ms=100)
+    loop = threading.Thread(target=ingestor.run, daemon=True)
+    loop.start()
     key = heartbeat_key(stream, socket.gethostname())
-    assert 0 < redis_client.ttl(key) <= 300
-    alive = health(monkeypatch, tmp_path, "ingest", **env)
-    assert alive.exit_code == 0 and alive.output.startswith("healthy: catalog ingest c1 reported")
+    try:
+        deadline = time.monotonic() + 30
+        while not redis_client.exists(key) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0 < redis_client.ttl(key) <= 300
+        alive = health(monkeypatch, tmp_path, "ingest", **env)
+        assert alive.exit_code == 0 and alive.output.startswith("healthy: catalog ingest c1 reported")
+    finally:
+        ingestor.stop()
+        loop.join(30)
+    stopped = health(monkeypatch, tmp_path, "ingest", **env)  # a stopped ingest removes its heartbeat
+    assert stopped.exit_code == 1 and "has no heartbeat" in stopped.output
 
     redis_client.set(key, json.dumps({"consumer": "c1", "at": time.time() - 500}))
     late = health(monkeypatch, tmp_path, "ingest", **env)
@@ -105,5 +117,16 @@ def test_worker_health_needs_an_answer(monkeypatch, tmp_path: Path) -> None:
     embedded = health(monkeypatch, tmp_path, "worker")
     assert embedded.exit_code == 1 and "CATALOG_BROKER_URL" in embedded.output
     node = f"{unique('nobody')}@{socket.gethostname()}"
-    silent = health(monkeypatch, tmp_path, "worker", "--node", node, "--timeout", "0.5", BROKER_URL=REDIS_URL)
+    try:
+        silent = health(monkeypatch, tmp_path, "worker", "--node", node, "--timeout", "0.5", BROKER_URL=REDIS_URL)
+    finally:
+        forget_reply_queue()
     assert silent.exit_code == 1 and f"worker {node} did not answer a ping within 0.5 s" in silent.output
+
+
+def forget_reply_queue() -> None:
+    """kombu schedules the expiry of Celery's remote-control reply queue in a key of its own;
+    remove what this test's ping left there (the key goes once empty)."""
+    client = redis_lib.Redis.from_url(REDIS_URL)
+    client.zrem("_kombu.binding_deadlines", "reply.celery.pidbox")
+    client.close()
