@@ -41,16 +41,17 @@ KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
 #: module may import ``worker`` itself (the package, for ``__version__``).
 MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "worker.config": (),
+    "worker.observe": ("worker.config",),  # logs and metrics: leaf-ish, never db or pipeline
     "worker.celery_app": ("worker.config", "db"),
-    "worker.intake": ("worker.config", "worker.celery_app"),
+    "worker.intake": ("worker.config", "worker.celery_app", "worker.observe"),
     "worker.io": ("worker.config",),
     # outbound events: the outbox, results stream and webhook (the webhook uses the fetch fence)
     "worker.outbound": ("worker.config", "worker.io", "db"),
-    "worker.models": ("worker.config", "worker.pipeline.contract"),
+    "worker.models": ("worker.config", "worker.pipeline.contract", "worker.observe"),
     "worker.steps": ("worker.config", "worker.io", "worker.models", "worker.pipeline.contract"),
     "worker.fraud": ("worker.config", "worker.io", "worker.models", "worker.pipeline.contract"),
-    "worker.pipeline": ("worker.config", "worker.intake", "worker.io", "worker.fraud", "worker.search.vectors",
-                        "worker.outbound", "db"),
+    "worker.pipeline": ("worker.config", "worker.intake", "worker.io", "worker.fraud", "worker.observe",
+                        "worker.outbound", "worker.search.vectors", "db"),
     # visual search: vectors, the index backends, similar/tag search, one-photo analysis
     "worker.search": ("worker.config", "worker.io", "worker.models", "worker.steps", "worker.pipeline", "db"),
     "worker.labels": ("worker.config", "db"),

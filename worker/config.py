@@ -255,6 +255,30 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
+    # --- observability: logs and metrics (worker/observe, docs/operations.md#monitoring) -----
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text, or json: one JSON object per line with the keys ts, level, "
+        "logger, msg and the line's structured fields (event_id, listing, image_id, ...). Applies to "
+        "every catalog process, Celery worker children included.",
+    )
+    metrics_port: int = Field(
+        0, ge=0, le=65535,
+        description="Port on which `catalog worker` and `catalog ingest` serve Prometheus /metrics "
+        "(one server in the worker's parent process, summing its pool processes); 0 = off. "
+        "`catalog api` serves GET /metrics on its own port regardless.",
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        description="Directory for prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR); "
+        "each process family gets a subdirectory, wiped when it starts. Default <data_dir>/metrics.",
+    )
+    worker_task_events: bool = Field(
+        True,
+        description="`catalog worker` sends Celery task events (what Flower shows; same as -E). "
+        "false = off.",
+    )
+
     # --- fraud -----------------------------------------------------------------------
     duplicate_max_distance: int = Field(
         14, ge=0, le=40,
@@ -595,6 +619,10 @@ class Settings(BaseSettings):
     @property
     def effective_sr_target_side(self) -> int:
         return self.sr_target_side or self.sr_min_side
+
+    @property
+    def effective_metrics_dir(self) -> Path:
+        return (self.metrics_dir or self.data_dir / "metrics").resolve()
 
     @property
     def effective_results_redis_url(self) -> str | None:

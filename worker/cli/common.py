@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 
 import click
@@ -19,15 +18,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 
 
 def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if settings.log_level != "DEBUG":
-        # Migration chatter and kombu's note about the host-less filesystem URL are noise here.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-        logging.getLogger("kombu.connection").setLevel(logging.ERROR)
+    """CATALOG_LOG_LEVEL and CATALOG_LOG_FORMAT (text or JSON lines), see worker/observe/logs.py."""
+    from worker.observe.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def cli_settings() -> Settings:

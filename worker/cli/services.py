@@ -34,6 +34,7 @@ def ingest_cmd(burst: bool, max_events: int | None, consumer: str | None) -> Non
     settings = cli_settings()
     setup_logging(settings)
     preflight_or_exit(settings, runs_models=False)
+    _start_ingest_metrics(settings)
     stats = run_ingest(settings, burst=burst, max_events=max_events, consumer=consumer)
     click.echo(f"queued {stats.queued}, dead-lettered {stats.dead_lettered}, reclaimed {stats.reclaimed}, "
                f"dead consumers removed {stats.consumers_removed}")
@@ -75,6 +76,13 @@ def submit_cmd(files: tuple[str, ...]) -> None:
     click.echo(f"queued {queued} event(s), rejected {rejected}")
     if rejected:
         raise SystemExit(1)  # scripts feeding events must notice the rejected ones
+
+
+def _start_ingest_metrics(settings: Settings) -> None:
+    from worker.celery_app import QUEUES
+    from worker.observe.service import start_metrics
+
+    start_metrics(settings, "ingest", QUEUES)
 
 
 def _submitted_items(name: str, stripped: str) -> list[Any]:
@@ -121,9 +129,11 @@ model, concurrent tasks batched together. Typical production split:
 @click.pass_context
 def worker_cmd(ctx: click.Context) -> None:
     settings = cli_settings()
-    setup_logging(settings)
     args = list(ctx.args)
-    if "--help" in args or "-h" in args:
+    helping = "--help" in args or "-h" in args
+    if not helping:  # no log lines in the middle of the help text
+        setup_logging(settings)
+    if helping:
         click.echo(ctx.command.help)
         click.echo("\nCelery worker options:\n")
     else:
@@ -151,7 +161,11 @@ def worker_cmd(ctx: click.Context) -> None:
         elif not any(a in ("-B", "--beat") for a in args):
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             args += ["--beat", "--schedule", str(settings.data_dir / "beat-schedule")]
-    app.worker_main(["worker", *args])
+    if not helping:
+        from worker.observe.service import worker_arguments
+
+        args = worker_arguments(settings, args, QUEUES)  # task events, /metrics, log format in children
+    app.worker_main(args if not helping else ["worker", *args])
 
 
 def _resolve_queues(args: list[str]) -> list[str]:

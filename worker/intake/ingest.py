@@ -40,6 +40,7 @@ from worker.intake.events import (
     parse_event,
     printable,
 )
+from worker.observe import metrics, report
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,7 @@ class StreamIngestor:
         return handled
 
     def _handle(self, entry_id: bytes | str, fields: dict[Any, Any]) -> None:
+        elapsed = metrics.timer()
         raw = fields.get(b"event", fields.get("event"))
         try:
             if raw is None:
@@ -270,6 +272,8 @@ class StreamIngestor:
         self.publish(event)
         self.client.xack(self.stream, self.group, entry_id)
         self.stats.queued += 1
+        report.event_ingested(event_id=event.event_id, event_type=event.type, listing=event.listing.id,
+                              seller=event.listing.seller_id, entry_id=_text(entry_id), seconds=elapsed())
 
     def _dead_letter(self, entry_id: bytes | str, raw: object, code: str, reason: str) -> None:
         if raw is None:
@@ -293,7 +297,13 @@ class StreamIngestor:
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
         self.stats.dead_lettered += 1
-        log.warning("dead-lettered entry %s (%s): %s", ident, code, reason)
+        log.warning("dead-lettered entry %s (%s): %s", ident, code, reason,
+                    extra={"entry_id": ident, "outcome": "dead_lettered", "code": code, "stage": "ingest"})
+        metrics.dead_lettered(code)
+
+
+def _text(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
 def run_ingest(settings: Settings, burst: bool = False, max_events: int | None = None,

@@ -18,6 +18,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from worker.observe import metrics
+
 R = TypeVar("R")
 
 
@@ -54,6 +56,7 @@ class DynamicBatcher(Generic[R]):
         self.timeout_s = max(0.0, timeout_ms) / 1000.0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pid = os.getpid()
+        self.name = name
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent batch sizes (tests, bench)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -99,6 +102,7 @@ class DynamicBatcher(Generic[R]):
         if not live:
             return
         self.batch_sizes.append(len(live))
+        metrics.batch_ran(self.name, len(live))
         try:
             outputs = self._forward([item for item, _ in live])
         except BaseException as exc:  # noqa: BLE001 - every caller of this forward gets the error

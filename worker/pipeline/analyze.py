@@ -40,6 +40,7 @@ from db import models as m
 from worker.config import Settings
 from worker.io.errors import ImageLoadError
 from worker.io.load import LoadedImage, load_image
+from worker.observe import metrics, report
 from worker.pipeline.contract import ImageContext, StepRun
 from worker.pipeline.lease import Heartbeat, Holder, check_lease, db_now, engine_of, release
 from worker.pipeline.registry import get_step, run_steps, safe_version
@@ -64,6 +65,8 @@ class ImageOutcome:
     status: str  # done | failed | skipped | retry
     detail: str = ""
     steps: list[StepRun] = field(default_factory=list)
+    listing: str | None = None  # the listing's external id, where the run got that far
+    decision: str | None = None  # the listing's fraud decision when this run finished the listing
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Claim:
     previous_sha256: str | None  # of the last complete analysis, if any
     previous_runs: frozenset[tuple[str, str]]  # (step, model version) that analysis ran ok
     token: str  # this run's lease (images.lease_owner)
+    listing_external_id: str = ""
 
 
 def claim_image(session: Session, image_id: int, settings: Settings, holder: Holder,
@@ -105,7 +109,7 @@ def claim_image(session: Session, image_id: int, settings: Settings, holder: Hol
             reason = (f"gave_up: {image.attempts} attempts started and the last one did not finish: "
                       "the worker died or timed out while processing this image")
             finish_image(session, image, status="failed", error=reason, settings=settings)
-            return ImageOutcome(image_id, "failed", reason)
+            return ImageOutcome(image_id, "failed", reason, listing=listing.external_id)
         if lease.died:
             log.warning("image %s: its previous run did not finish (worker died or timed out); "
                         "attempt %d of %d", image_id, image.attempts + 1, max_attempts)
@@ -123,22 +127,36 @@ def claim_image(session: Session, image_id: int, settings: Settings, holder: Hol
         return Claim(image_id=image_id, url=image.url, listing_id=listing.id,
                      seller_id=listing.seller_id, category=listing.category,
                      previous_sha256=image.sha256 if previously_done else None,
-                     previous_runs=previous_runs, token=token)
+                     previous_runs=previous_runs, token=token, listing_external_id=listing.external_id)
 
 
 def analyze_image(session: Session, image_id: int, settings: Settings, *, max_attempts: int = 3,
-                  retry_transient: bool = False, holder: Holder | None = None) -> ImageOutcome:
+                  retry_transient: bool = False, holder: Holder | None = None,
+                  event_id: str | None = None) -> ImageOutcome:
     """Fetch, analyse and store one image (read -> compute -> write, see the module doc).
 
     ``session`` must not be in a transaction; each phase opens and commits its own. ``holder``
     names the message this run belongs to (the task id and retry count); by default a one-off
-    run that never takes over another's lease.
+    run that never takes over another's lease. ``event_id``: the event that announced the
+    image, when known (for the log line).
     """
+    elapsed = metrics.timer()
+    with metrics.image_in_flight():
+        outcome = _analyze(session, image_id, settings, max_attempts, retry_transient, holder)
+    report.image_finished(image_id=image_id, listing=outcome.listing, event_id=event_id, status=outcome.status,
+                          detail=outcome.detail, decision=outcome.decision, seconds=elapsed())
+    return outcome
+
+
+def _analyze(session: Session, image_id: int, settings: Settings, max_attempts: int,
+             retry_transient: bool, holder: Holder | None) -> ImageOutcome:
     claim = claim_image(session, image_id, settings, holder or Holder.one_off(), max_attempts)
     if isinstance(claim, ImageOutcome):
         return claim
     try:
-        return _work(session, claim, settings, retry_transient)
+        outcome = _work(session, claim, settings, retry_transient)
+        outcome.listing = claim.listing_external_id
+        return outcome
     except Exception as exc:
         if not is_retryable_db_error(exc):
             raise
@@ -244,9 +262,15 @@ def _store(session: Session, claim: Claim, loaded: LoadedImage, runs: list[StepR
         complete = all(run.status == "ok" for run in runs) and {run.step for run in runs} >= set(settings.steps)
         finish_image(session, image, status="done", error=None, loaded=loaded, settings=settings,
                      complete=complete)
+        decision = _decision(listing)
     detail = "" if complete else "incomplete: " + ", ".join(
         f"{run.step} {run.status}" for run in runs if run.status != "ok")
-    return ImageOutcome(claim.image_id, "done", detail, steps=runs)
+    return ImageOutcome(claim.image_id, "done", detail, steps=runs, decision=decision)
+
+
+def _decision(listing: m.Listing) -> str | None:
+    """The listing's fraud decision if it is finished (for the image's log line), else None."""
+    return listing.fraud_decision if listing.status == "done" else None
 
 
 def _keep_previous(session: Session, claim: Claim, settings: Settings) -> ImageOutcome:
@@ -257,7 +281,8 @@ def _keep_previous(session: Session, claim: Claim, settings: Settings) -> ImageO
         if isinstance(held, str):
             return ImageOutcome(claim.image_id, "skipped", held)
         finish_image(session, held[1], status="done", error=None, settings=settings, complete=True)
-    return ImageOutcome(claim.image_id, "done", "unchanged bytes: previous results kept")
+        decision = _decision(held[0])
+    return ImageOutcome(claim.image_id, "done", "unchanged bytes: previous results kept", decision=decision)
 
 
 def _fail(session: Session, claim: Claim, reason: str, settings: Settings) -> ImageOutcome | None:
@@ -268,7 +293,8 @@ def _fail(session: Session, claim: Claim, reason: str, settings: Settings) -> Im
             return None
         clear_results(session, claim.image_id)
         finish_image(session, held[1], status="failed", error=reason, settings=settings)
-    return ImageOutcome(claim.image_id, "failed", reason)
+        decision = _decision(held[0])
+    return ImageOutcome(claim.image_id, "failed", reason, decision=decision)
 
 
 def _release(session: Session, claim: Claim) -> None:

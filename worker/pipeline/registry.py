@@ -11,6 +11,7 @@ import logging
 import time
 
 from worker.config import Settings
+from worker.observe import metrics
 from worker.pipeline.contract import ImageContext, Step, StepRun, StepUnavailable
 from worker.pipeline.store import is_retryable_db_error
 
@@ -95,6 +96,7 @@ def run_steps(ctx: ImageContext, names: list[str]) -> list[StepRun]:
             continue
         ctx.results[name] = result
         runs.append(StepRun(name, version, "ok", _ms_since(started), result=result))
+    metrics.steps_ran((run.step, run.version, run.status, run.duration_ms) for run in runs)
     return runs
 
 

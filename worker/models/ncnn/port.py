@@ -23,6 +23,7 @@ from worker.models.ncnn.net import (
     read_weights,
 )
 from worker.models.weights import file_sha256
+from worker.observe.progress import native_output_silenced
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def ncnn_reference(spec: NcnnModelSpec, image: np.ndarray, threads: int = 2) -> 
         runner = Realesrgan(gpuid=-1, model=4)
     else:  # pragma: no cover
         raise ValueError(spec.package)
-    return np.asarray(runner.process_pil(pil).convert("RGB"))
+    with native_output_silenced():  # its native code prints "0.00%" per tile on stderr
+        return np.asarray(runner.process_pil(pil).convert("RGB"))
 
 
 def run_uint8(model: nn.Module, image: np.ndarray) -> np.ndarray:
