@@ -33,16 +33,20 @@ class BodyLimit:
     """Refuse bodies over ``limit`` bytes with 413: by Content-Length before reading, and by
     counting while reading when the client streams without one."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, uploads: dict[str, int] | None = None) -> None:
         self.app, self.limit = app, limit
+        self.uploads = uploads or {}  # path -> its own, larger limit (photo uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.uploads.get(str(scope.get("path", "")), self.limit)
+        detail = "request body too large" + (
+            " for a photo (CATALOG_FETCH_MAX_BYTES)" if limit != self.limit else "")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await JSONResponse({"detail": "request body too large"}, 413)(scope, receive, send)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await JSONResponse({"detail": detail}, 413)(scope, receive, send)
             return
         seen = 0
         answered = False
@@ -55,8 +59,8 @@ class BodyLimit:
             nonlocal seen, answered
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit and not answered:
-                await JSONResponse({"detail": "request body too large"}, 413)(scope, receive, send)
+            if seen > limit and not answered:
+                await JSONResponse({"detail": detail}, 413)(scope, receive, send)
                 answered = True
             if answered:  # the app sees the client leave and stops reading
                 return {"type": "http.disconnect"}
@@ -98,7 +102,7 @@ class SecurityHeaders:
 def create_app(settings: Settings, *, secret: bytes | None = None, secure_cookies: bool | None = None) -> FastAPI:
     """The service for ``settings``. ``secure_cookies`` marks the session cookie Secure (the
     service sits behind https); by default it follows the request's scheme."""
-    from worker.api.routes import admin, files, flags, labels, listings, pages
+    from worker.api.routes import admin, files, flags, labels, listings, pages, search
 
     configured = settings.api_secret.get_secret_value().encode() if settings.api_secret else b""
     key = secret or configured or secrets.token_bytes(32)
@@ -121,12 +125,12 @@ def create_app(settings: Settings, *, secret: bytes | None = None, secure_cookie
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
 
-    for module in (listings, files, flags, labels, admin, pages):
+    for module in (listings, files, flags, labels, admin, pages, search):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     wrapped: Any = app
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, uploads=dict.fromkeys(search.UPLOAD_PATHS, search.upload_body_limit(settings)))
     return wrapped
 
 

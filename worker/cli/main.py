@@ -155,3 +155,7 @@ for _command in (services.ingest_cmd, services.submit_cmd, services.worker_cmd, 
                  retrain.retrain_cmd, backfill.backfill_cmd):
     main.add_command(_command)
 main.add_command(health.health)
+from worker.cli import search as search_cli  # noqa: E402  (visual and tag search)
+
+main.add_command(search_cli.search_cmd)
+main.add_command(search_cli.similar_cmd)

@@ -63,6 +63,8 @@ class Vocabulary:
     languages: tuple[str, ...]
     categories: tuple[str, ...]
     longest: int = 1
+    #: English tag name -> {language: the name shown (the first one listed)}
+    shown: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_files(cls, paths: Sequence[Path]) -> Vocabulary:
@@ -71,6 +73,7 @@ class Vocabulary:
         import yaml
 
         names: dict[str, set[str]] = {}
+        shown: dict[str, dict[str, str]] = {}
         languages: list[str] = []
         categories: list[str] = []
 
@@ -91,12 +94,19 @@ class Vocabulary:
                 for section in (sections or {}).values():
                     for english, translated in (section or {}).items():
                         add(str(english), str(english))
-                        for name in ([translated] if isinstance(translated, str) else translated or []):
+                        listed = [translated] if isinstance(translated, str) else list(translated or [])
+                        for name in listed:
                             add(str(name), str(english))
+                        if listed:
+                            shown.setdefault(normalise(str(english)), {}).setdefault(str(language), str(listed[0]))
         for category in categories:
             add(category, category)
         frozen = {key: frozenset(value) for key, value in names.items()}
-        return cls(frozen, tuple(languages), tuple(categories), max((len(k) for k in frozen), default=1))
+        return cls(frozen, tuple(languages), tuple(categories), max((len(k) for k in frozen), default=1), shown)
+
+    def translations(self, english: str) -> dict[str, str]:
+        """``{"zh-CN": "红色"}`` for ``red``: how each language shows this tag name ({} if none)."""
+        return dict(self.shown.get(normalise(english), {}))
 
     def english(self, name: str) -> str | None:
         """The English tag name ``name`` stands for when it is one known name (a category given
