@@ -128,7 +128,8 @@ class _KindIndex:
         if self.index is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp, tmp_meta = self.path.with_suffix(f".tmp{os.getpid()}"), self.meta_path.with_suffix(f".tmp{os.getpid()}")
+        suffix = f".tmp{os.getpid()}.{threading.get_ident()}"
+        tmp, tmp_meta = Path(f"{self.path}{suffix}"), Path(f"{self.meta_path}{suffix}")
         self.index.save(str(tmp))
         tmp_meta.write_text(json.dumps({"dim": self.dim, "watermark": self.watermark, "kind": self.kind,
                                         "count": len(self.index), "saved_at": time.time()}))
