@@ -281,6 +281,8 @@ def train_sr(
     machine one intra-op thread trained ~10x faster than two (OpenMP threads spin-waiting on
     cores other processes hold). Evaluates every ``eval_every`` steps and at the end,
     keeps the best checkpoint, and writes ``metrics.json`` next to it. Returns the metrics.
+    Ctrl-C (KeyboardInterrupt) stops early and still returns: the weights so far are evaluated
+    and kept if they beat the best checkpoint (``interrupted_at_step`` says where it stopped).
     """
     torch.manual_seed(seed)
     if threads:
@@ -309,34 +311,55 @@ def train_sr(
     started = time.perf_counter()
     running = 0.0
     bar = tqdm(range(1, steps + 1), desc=f"train sr x{scale}", disable=not progress, unit="step")
-    for step in bar:
-        model.train()
-        lr_batch, hr_batch = (t.to(device) for t in next(batches))
-        loss = F.l1_loss(model(lr_batch), hr_batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
-        bar.set_postfix(l1=f"{running:.4f}")
-        if step % eval_every == 0 or step == steps:
+    step, interrupted = 0, None
+    try:
+        for step in bar:
+            model.train()
+            lr_batch, hr_batch = (t.to(device) for t in next(batches))
+            loss = F.l1_loss(model(lr_batch), hr_batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+            bar.set_postfix(l1=f"{running:.4f}")
+            if step % eval_every == 0 or step == steps:
+                metrics = evaluate(model, eval_paths, scale, device)
+                metrics.update(step=step, train_l1=running, seconds=round(time.perf_counter() - started, 1))
+                history.append(metrics)
+                log.info("step %d: %.2f dB (bicubic %.2f)", step, metrics["psnr"], metrics["bicubic_psnr"])
+                bar.write(f"step {step}: PSNR-Y {metrics['psnr']:.2f} dB (bicubic {metrics['bicubic_psnr']:.2f}),"
+                          f" SSIM-Y {metrics['ssim']:.4f} (bicubic {metrics['bicubic_ssim']:.4f})")
+                if best is None or metrics["psnr"] > best["psnr"]:
+                    best = metrics
+                    save_checkpoint(model, ckpt_path, metrics=metrics, step=step,
+                                    train_images=[p.name for p in train_paths],
+                                    eval_images=[p.name for p in eval_paths])
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the best weights so far. The weights of the interrupted run are evaluated
+        # once more and saved only if they beat the best checkpoint (they may be mid-update).
+        bar.close()
+        interrupted = step
+        log.warning("train sr interrupted at step %d; evaluating the weights so far", step)
+        if step > (best["step"] if best else 0):
             metrics = evaluate(model, eval_paths, scale, device)
-            metrics.update(step=step, train_l1=running, seconds=round(time.perf_counter() - started, 1))
+            metrics.update(step=step, train_l1=running, seconds=round(time.perf_counter() - started, 1),
+                           interrupted=True)
             history.append(metrics)
-            log.info("step %d: %.2f dB (bicubic %.2f)", step, metrics["psnr"], metrics["bicubic_psnr"])
-            bar.write(f"step {step}: PSNR-Y {metrics['psnr']:.2f} dB (bicubic {metrics['bicubic_psnr']:.2f}),"
-                      f" SSIM-Y {metrics['ssim']:.4f} (bicubic {metrics['bicubic_ssim']:.4f})")
             if best is None or metrics["psnr"] > best["psnr"]:
                 best = metrics
                 save_checkpoint(model, ckpt_path, metrics=metrics, step=step,
                                 train_images=[p.name for p in train_paths],
                                 eval_images=[p.name for p in eval_paths])
+        if best is None:
+            raise  # not one step done: nothing worth saving
     assert best is not None
     result = {
         "checkpoint": str(ckpt_path), "scale": scale, "best": best, "history": history,
         "train_images": [str(p) for p in train_paths], "eval_images": [str(p) for p in eval_paths],
         "config": {"steps": steps, "batch_size": batch_size, "patch": patch, "lr": lr,
                    "features": features, "blocks": blocks, "seed": seed, "clean_prob": clean_prob},
+        "interrupted_at_step": interrupted,  # None: ran all steps
     }
     (out / f"inhouse-x{scale}.metrics.json").write_text(json.dumps(result, indent=2))
     return result
