@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.api.deps import NotLoggedIn, ServiceState
 from worker.config import Settings
+from worker.observe import metrics
+from worker.observe.asgi import RequestMetrics
 
 #: Largest request body accepted (JSON decisions and login forms are a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
@@ -125,12 +127,18 @@ def create_app(settings: Settings, *, secret: bytes | None = None, secure_cookie
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
 
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics of this service (no authentication)")
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     for module in (listings, files, flags, labels, admin, pages, search):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     wrapped: Any = app
     app.add_middleware(SecurityHeaders)
     app.add_middleware(BodyLimit, uploads=dict.fromkeys(search.UPLOAD_PATHS, search.upload_body_limit(settings)))
+    app.add_middleware(RequestMetrics)
     return wrapped
 
 

@@ -47,5 +47,10 @@ def api_cmd(host: str, port: int, secure_cookies: bool | None, proxy_headers: bo
         dirs.append(str(demo.resolve()))
     settings = allow_local(settings, dirs)
     app = create_app(settings, secure_cookies=secure_cookies)
+    from uvicorn.config import LOGGING_CONFIG
+
+    # JSON logs: uvicorn configures no handlers of its own, its lines go through the root logger.
+    log_config = None if settings.log_format == "json" else LOGGING_CONFIG
     uvicorn.run(app, host=host, port=port, proxy_headers=proxy_headers,
-                forwarded_allow_ips=forwarded_allow_ips, log_level=settings.log_level.lower())
+                forwarded_allow_ips=forwarded_allow_ips, log_level=settings.log_level.lower(),
+                log_config=log_config)

@@ -264,4 +264,6 @@ def beat_cmd(ctx: click.Context) -> None:
     elif not any(a.startswith(("-s", "--schedule")) for a in args):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         args += ["--schedule", str(settings.data_dir / "beat-schedule")]
-    app.start(["beat", *args])
+    from worker.observe.logs import celery_arguments
+
+    app.start(celery_arguments(settings.log_format, "beat", args))  # the log format in Celery's loggers

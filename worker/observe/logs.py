@@ -20,7 +20,7 @@ LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: The attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message", "asctime", "taskName"}
+    "message", "asctime", "taskName", "color_message"}  # color_message: uvicorn's ANSI twin of msg
 #: Marks the handler this module installed on the root logger.
 _OURS = "_catalog_handler"
 
@@ -87,6 +87,14 @@ def install_celery_hooks() -> None:
 
     after_setup_logger.connect(_reformat, weak=False)
     after_setup_task_logger.connect(_reformat, weak=False)
+
+
+def celery_arguments(fmt: LogFormat, command: str, args: list[str]) -> list[str]:
+    """The ``celery`` command line for ``command`` (worker, beat): the hooks that keep ``fmt``
+    in Celery's loggers are installed, and with JSON logs its ASCII-art banner on stdout is
+    left out (``--quiet``), so that every line is one JSON object."""
+    install_celery_hooks()
+    return [*(["--quiet"] if fmt == "json" else []), command, *args]
 
 
 def _reformat(logger: logging.Logger | None = None, **_kwargs: Any) -> None:

@@ -36,13 +36,10 @@ def worker_arguments(settings: Settings, args: list[str], queues: Sequence[str])
     """The `celery` command line for ``catalog worker``: global options, ``worker``, then
     ``args`` plus task events. Also keeps the log format in pool children, drops the live
     gauges of pool processes that exit, and starts the metrics server."""
-    logs.install_celery_hooks()
     metrics.install_celery_hooks()
     start_metrics(settings, "worker", queues)
     if settings.worker_task_events and not settings.embedded_broker and not (
             {"-E", "--task-events"} & set(args)):
         # What Flower shows. The filesystem broker of the embedded mode has no event exchange.
         args = [*args, "--task-events"]
-    # JSON logs are one object per line: Celery's ASCII-art banner on stdout is left out.
-    prefix = ["--quiet"] if settings.log_format == "json" else []
-    return [*prefix, "worker", *args]
+    return logs.celery_arguments(settings.log_format, "worker", args)

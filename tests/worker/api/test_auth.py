@@ -15,7 +15,7 @@ from db import models as m
 from db.session import transaction
 from worker.api import auth
 
-PUBLIC = {"/healthz", "/readyz"}
+PUBLIC = {"/healthz", "/readyz", "/metrics"}  # /metrics: Prometheus scrapes it without a token
 
 
 def _operations(schema: dict[str, Any]) -> list[tuple[str, str, list[str]]]:

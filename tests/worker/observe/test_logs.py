@@ -192,3 +192,8 @@ def test_realesrgan_ncnn_reference_prints_no_percentage() -> None:
         pytest.skip("the ncnn wheel needs libvulkan1 here")
     assert result.returncode == 0, result.stderr
     assert "%" not in result.stderr, result.stderr
+
+
+def test_celery_command_lines_leave_the_banner_out_of_json_logs() -> None:
+    assert logs.celery_arguments("json", "beat", ["-s", "x"]) == ["--quiet", "beat", "-s", "x"]
+    assert logs.celery_arguments("text", "worker", ["-c", "2"]) == ["worker", "-c", "2"]
