@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -46,6 +49,25 @@ def _collect_images(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return refs, given
 
 
+def process_summary(report: dict[str, Any], seconds: float) -> str:
+    """One line for the end of `catalog process`: images done and failed (by failure code),
+    the listing and its decision, and the time taken."""
+    images = report["images"]
+    done = [img for img in images if img["status"] == "done"]
+    failed = [img for img in images if img["status"] == "failed"]
+    incomplete = sum(img.get("complete") is False for img in done)
+    codes = Counter((img.get("error") or "").partition(":")[0].strip() or "unknown" for img in failed)
+    parts = [f"{len(done)} done" + (f" ({incomplete} analysed incompletely)" if incomplete else "")]
+    if failed:
+        parts.append(f"{len(failed)} failed (" + ", ".join(f"{code} {n}" for code, n in sorted(codes.items())) + ")")
+    others = len(images) - len(done) - len(failed)
+    if others:
+        parts.append(f"{others} pending")
+    listing = report["listing"]
+    return (f"summary: {len(images)} image(s) in 1 listing ({listing['id']}, decision "
+            f"{listing.get('fraud_decision') or '-'}) in {seconds:.1f} s: {', '.join(parts)}")
+
+
 @click.command("process")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--seller", default="local", show_default=True, help="Seller id stored on the listing.")
@@ -64,6 +86,8 @@ def process_cmd(paths: tuple[str, ...], seller: str, category: str | None, listi
 
     Exit status: 0 when every image was fully analysed, 1 when an image failed or a step did
     not run on it (the report says which; without --json a line on stderr counts them).
+    On a terminal a progress bar counts the images; at the end a summary line on stderr gives
+    images done and failed by code, the listing and the time taken.
     """
     from worker.reports.listing import listing_report, problems, render_report
 
@@ -74,9 +98,11 @@ def process_cmd(paths: tuple[str, ...], seller: str, category: str | None, listi
     ensure_schema(settings)
     # The files and folders named here may be read; an event could never widen this.
     settings = allow_local(settings, given)
-    external_id = run_in_process(settings, refs, seller, category, listing_id, title)
+    started = time.monotonic()
+    external_id = run_in_process(settings, refs, seller, category, listing_id, title)  # a bar on a TTY only
     report = listing_report(settings, external_id)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render_report(report))
+    click.echo(process_summary(report, time.monotonic() - started), err=True)  # stdout stays the report
     failed, incomplete, total = problems(report)
     if failed or incomplete:
         if not as_json:  # --json output stays one JSON document; the report has the statuses
