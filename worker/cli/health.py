@@ -10,8 +10,9 @@ fail instead of hang.
   :data:`~worker.intake.ingest.HEARTBEAT_INTERVAL_S` seconds while it reads the stream
   (``<CATALOG_EVENTS_STREAM>:heartbeat:<hostname>``); an ingest stuck on an unreachable Redis
   stops refreshing it.
-* beat: the age of beat's schedule file, which beat rewrites each time it sends a task (the
-  stale sweep goes out every 5 minutes).
+* beat: the age of beat's schedule file, which beat saves after sending a task once 3 minutes
+  passed since the last save; the stale sweep goes out every 5 minutes, so a running beat
+  writes it at least every 5 minutes.
 * api: ``GET /healthz``.
 """
 
@@ -118,8 +119,8 @@ def _default_schedule(settings: Settings) -> Path:
 @click.option("--schedule", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Beat's schedule file. Default: <data_dir>/beat-schedule, as `catalog beat` uses.")
 @click.option("--max-age", type=click.FloatRange(1), default=900.0, show_default=True,
-              help="Oldest write of the schedule, seconds: beat rewrites it on every task it sends "
-              "(the stale sweep, every 300 s), so keep this above 300.")
+              help="Oldest write of the schedule, seconds: a running beat saves it at least every "
+              "300 s (after sending the stale sweep), so keep this well above 300.")
 def beat_health(schedule: Path | None, max_age: float) -> None:
     """catalog beat wrote its schedule file within --max-age seconds."""
     path = schedule or _default_schedule(cli_settings())
