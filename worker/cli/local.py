@@ -86,8 +86,8 @@ def process_cmd(paths: tuple[str, ...], seller: str, category: str | None, listi
 
     Exit status: 0 when every image was fully analysed, 1 when an image failed or a step did
     not run on it (the report says which; without --json a line on stderr counts them).
-    On a terminal a progress bar counts the images; at the end a summary line on stderr gives
-    images done and failed by code, the listing and the time taken.
+    On a terminal a progress bar counts the images; at the end (without --json) a summary line
+    on stderr gives images done and failed by code, the listing and the time taken.
     """
     from worker.reports.listing import listing_report, problems, render_report
 
@@ -102,7 +102,8 @@ def process_cmd(paths: tuple[str, ...], seller: str, category: str | None, listi
     external_id = run_in_process(settings, refs, seller, category, listing_id, title)  # a bar on a TTY only
     report = listing_report(settings, external_id)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render_report(report))
-    click.echo(process_summary(report, time.monotonic() - started), err=True)  # stdout stays the report
+    if not as_json:  # like the count below: --json output stays one JSON document, even mixed with stderr
+        click.echo(process_summary(report, time.monotonic() - started), err=True)
     failed, incomplete, total = problems(report)
     if failed or incomplete:
         if not as_json:  # --json output stays one JSON document; the report has the statuses

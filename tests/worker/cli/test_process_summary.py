@@ -39,13 +39,16 @@ def folder(tmp_path: Path) -> Path:
 def test_summary_off_a_terminal_and_no_progress_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CATALOG_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("CATALOG_STEPS", "metadata")
-    result = CliRunner().invoke(main, ["process", str(folder(tmp_path)), "--listing-id", "L-folder", "--json"])
+    photos = str(folder(tmp_path))
+    result = CliRunner().invoke(main, ["process", photos, "--listing-id", "L-folder"])
     assert result.exit_code == 1, result.output
-    json.loads(result.stdout)  # stdout stays one JSON document
     match = SUMMARY.search(result.stderr)
     assert match is not None, result.stderr
     assert match["listing"] == "L-folder"
     assert "img/s" not in result.stderr and "\r" not in result.stderr  # no bar off a terminal
+    as_json = CliRunner().invoke(main, ["process", photos, "--listing-id", "L-folder", "--json"])
+    assert as_json.exit_code == 1 and SUMMARY.search(as_json.output) is None
+    json.loads(as_json.output)  # --json: one JSON document, even with stderr mixed in
 
 
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
