@@ -97,14 +97,15 @@ def claim_image(session: Session, image_id: int, settings: Settings, holder: Hol
         listing = lock_listing(session, listing_id)  # listing first, then the image
         image = lock_image(session, image_id)
         if image is None or image.status != "pending":
-            return ImageOutcome(image_id, "skipped", "not pending")
+            return ImageOutcome(image_id, "skipped", "not pending", listing=listing.external_id)
         if listing.status == "deleted":  # a row left pending by an older release
             finish_image(session, image, status="failed", error=LISTING_DELETED, settings=settings)
-            return ImageOutcome(image_id, "skipped", "listing deleted")
+            return ImageOutcome(image_id, "skipped", "listing deleted", listing=listing.external_id)
         now = db_now(session)
         lease = check_lease(image.lease_owner, image.lease_expires_at, now, holder)
         if lease.busy:
-            return ImageOutcome(image_id, "skipped", "in flight: another run holds its lease")
+            return ImageOutcome(image_id, "skipped", "in flight: another run holds its lease",
+                                listing=listing.external_id)
         if lease.died and image.attempts >= max_attempts:
             reason = (f"gave_up: {image.attempts} attempts started and the last one did not finish: "
                       "the worker died or timed out while processing this image")

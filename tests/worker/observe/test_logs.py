@@ -110,6 +110,9 @@ def test_event_and_image_lines_carry_the_listing_external_id(json_lines: io.Stri
     assert images[1]["decision"] == "incomplete"  # the last image finished the listing
     assert all(isinstance(x["duration_ms"], float) for x in images)
     assert "L-ext-42" in images[1]["msg"] and "incomplete" in images[1]["msg"]
+    assert analyze_all(url, settings, outcome.images_to_analyze[:1])[0].status == "skipped"  # a late duplicate
+    again = [x for x in _parsed(json_lines) if x["logger"] == "catalog.observe" and "image_id" in x][-1]
+    assert (again["status"], again["listing"], again["detail"]) == ("skipped", "L-ext-42", "not pending")
 
 
 def test_the_event_task_logs_one_line_with_the_event_and_listing(json_lines: io.StringIO, tmp_path: Path,
