@@ -159,3 +159,6 @@ from worker.cli import search as search_cli  # noqa: E402  (visual and tag searc
 
 main.add_command(search_cli.search_cmd)
 main.add_command(search_cli.similar_cmd)
+from worker.cli import search_index as search_index_cli  # noqa: E402  (visual search index)
+
+main.add_command(search_index_cli.search_index)
