@@ -36,6 +36,7 @@ def train_sr_cmd(images: tuple[str, ...], scale: str, steps: int, batch_size: in
     Prints progress, keeps the best checkpoint by held-out PSNR, writes metrics JSON.
     Ctrl-C stops early and keeps the best checkpoint so far (it says where)."""
     from worker.models.backends import resolve_device
+    from worker.observe.progress import show_progress
     from worker.training.sr import list_images, train_sr
 
     try:
@@ -49,7 +50,7 @@ def train_sr_cmd(images: tuple[str, ...], scale: str, steps: int, batch_size: in
     try:
         metrics = train_sr(paths, target, scale=int(scale), steps=steps, batch_size=batch_size, patch=patch,
                            holdout=holdout if holdout < 1 else int(holdout), eval_every=eval_every,
-                           device=device, seed=seed)
+                           device=device, seed=seed, progress=show_progress())  # a bar only on a terminal
     except KeyboardInterrupt:
         click.echo("train sr: interrupted before the first step; nothing saved", err=True)
         raise SystemExit(130) from None
