@@ -233,10 +233,31 @@ def registry(extra: Sequence[Any] = ()) -> Any:
             reg.register(collector)
         return reg
     reg = CollectorRegistry()
+    reg.register(_DeadProcesses(os.environ[MULTIPROC_ENV]))  # first: prunes before the values are read
     MultiProcessCollector(reg)
     for collector in extra:
         reg.register(collector)
     return reg
+
+
+class _DeadProcesses:
+    """Drops the live gauges (in flight, GPU memory) of pool processes that died without
+    saying so (SIGKILL, the OOM killer), at each scrape, before the values are summed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client import multiprocess
+
+        for file in self.path.glob("gauge_live*_*.db"):
+            pid = file.stem.rpartition("_")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                multiprocess.mark_process_dead(int(pid), str(self.path))
+        return iter(())
 
 
 class _ProcessValues:

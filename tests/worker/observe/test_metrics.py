@@ -141,7 +141,7 @@ def test_backlog_collector_counts_the_embedded_queue_files(tmp_path: Path) -> No
 
 def test_multiprocess_mode_sums_the_files_of_every_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import prometheus_client.values as values
-    from prometheus_client import Counter
+    from prometheus_client import Counter, Gauge
 
     metrics.metrics()  # this process's own metrics stay in memory whatever happens below
     monkeypatch.setattr(values, "ValueClass", values.ValueClass)
@@ -153,5 +153,11 @@ def test_multiprocess_mode_sums_the_files_of_every_process(tmp_path: Path, monke
     counter = Counter("catalog_test_multiprocess_total", "test", registry=None)
     counter.inc(3)
     assert list(folder.glob("counter_*.db"))
+    gauge = Gauge("catalog_test_live", "test", registry=None, multiprocess_mode="livesum")
+    gauge.set(5)
+    (own,) = folder.glob("gauge_livesum_*.db")
+    shutil.copy(own, folder / "gauge_livesum_999999999.db")  # a pool process killed without notice
     got = scrape(metrics.exposition()[0].decode())
     assert got[("catalog_test_multiprocess_total", ())] == 3
+    assert got[("catalog_test_live", ())] == 5  # the dead process's gauge is dropped, not summed
+    assert not (folder / "gauge_livesum_999999999.db").exists()
