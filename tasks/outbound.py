@@ -9,13 +9,16 @@ task calls :func:`relay_now` right after its commit so a finished listing is ann
 from __future__ import annotations
 
 import logging
+from typing import Any
+
+from celery.signals import worker_ready
 
 from tasks.base import DatabaseTask
 from worker.celery_app import DELIVER_WEBHOOK_TASK, RELAY_OUTBOX_TASK, app
-from worker.config import Settings
+from worker.config import Settings, get_settings
 from worker.outbound.outbox import outbound_enabled
 from worker.outbound.publish import prune, relay
-from worker.outbound.webhook import deliver, retry_delay
+from worker.outbound.webhook import check_target, deliver, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +53,12 @@ def deliver_webhook(self: DatabaseTask, outbox_id: int) -> str:
     if outcome.status == "retry":
         raise self.retry(countdown=retry_delay(retries, settings), max_retries=self.request.retries + 1)
     return outcome.status
+
+
+@worker_ready.connect
+def _check_webhook(sender: Any = None, **_kwargs: Any) -> None:
+    """Say at start-up, in one line, when the webhook's address is refused (every event would
+    be dead-lettered)."""
+    problem = check_target(get_settings())
+    if problem:
+        log.error("%s; every listing.processed POST would be dead-lettered", problem)

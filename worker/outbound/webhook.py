@@ -110,6 +110,25 @@ def _post_first(target: Any, addresses: list[str], body: bytes, headers: dict[st
     raise WebhookError(f"webhook {shown} unreachable ({last})")
 
 
+def check_target(settings: Settings) -> str | None:
+    """One sentence naming the variables when CATALOG_WEBHOOK_URL can never be posted to (the
+    fetch fence refuses its address), else None: a start-up check, so a webhook that could
+    only dead-letter every event is caught before the first one. A host that does not resolve
+    right now is not refused here (DNS may come back; deliveries retry)."""
+    url = settings.webhook_url
+    if not url:
+        return None
+    try:
+        target = _parse_http_url(url, url)
+        with Deadline(settings.webhook_timeout) as deadline:
+            _vet(target, url, settings, deadline)
+    except ImageLoadError as exc:
+        if exc.code in ("blocked_address", "bad_reference"):
+            reason = str(exc).replace("refused to fetch", "refused to post to")
+            return f"CATALOG_WEBHOOK_URL: {reason}"
+    return None
+
+
 def deliver(settings: Settings, outbox_id: int, *, final: bool) -> Delivery:
     """One delivery attempt of the outbox row ``outbox_id``. ``final``: no retry follows, so a
     failure dead-letters the event. Returns what the caller (the task) does next."""

@@ -160,3 +160,16 @@ def test_webhook_settings_are_checked_at_start_up(tmp_path: Path, monkeypatch: p
     settings = load_settings(data_dir=tmp_path)
     assert settings.webhook_secret is not None and settings.webhook_secret.get_secret_value() == "from-a-file"
     assert "from-a-file" not in repr(settings) and "from-a-file" not in str(caught.value)
+
+
+def test_start_up_check_names_the_variables_when_the_fence_refuses_the_target(tmp_path: Path) -> None:
+    from worker.outbound.webhook import check_target
+
+    base = {"data_dir": tmp_path, "webhook_secret": "k"}
+    assert check_target(load_settings(data_dir=tmp_path)) is None  # no webhook
+    problem = check_target(load_settings(**base, webhook_url="http://10.1.2.3:8080/hook"))
+    assert problem is not None and problem.startswith("CATALOG_WEBHOOK_URL: refused to post to")
+    assert "CATALOG_FETCH_ALLOW_HOSTS" in problem and "\n" not in problem
+    assert check_target(load_settings(**base, webhook_url="http://10.1.2.3:8080/hook",
+                                      fetch_allow_hosts="10.1.2.3:8080")) is None
+    assert check_target(load_settings(**base, webhook_url="https://93.184.216.34/hook")) is None  # public
