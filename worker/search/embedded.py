@@ -66,7 +66,7 @@ SAVE_AFTER = 1000
 MAX_CANDIDATES = 4096
 #: Most filtered rows an exact search scores (beyond it the best of the candidates are returned).
 MAX_EXACT = 200_000
-CONNECTIVITY, EXPANSION_ADD = 16, 128
+CONNECTIVITY, EXPANSION_ADD = 16, 64  # as pgvector: m = 16, ef_construction = 64
 
 
 @contextmanager

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, delete, func, select, text
+from sqlalchemy import Float, and_, bindparam, cast, delete, func, literal_column, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.types import UserDefinedType
 
 from db import models as m
 from worker.config import Settings
@@ -48,6 +49,15 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS ix_search_vectors_hnsw_region ON search_vectors "
     "USING hnsw (embedding halfvec_cosine_ops) WITH (m = 16, ef_construction = 64) WHERE kind = 'region'",
 )
+
+
+class HalfVec(UserDefinedType[str]):
+    """pgvector's ``halfvec``, for casting the query's text form (``[0.1,...]``)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "halfvec"
 
 
 def extension_version(session: Session) -> tuple[int, ...] | None:
@@ -105,7 +115,8 @@ class PgVectorIndex:
             return []
         self._tune(session)
         sv = m.SearchVector
-        distance = text("search_vectors.embedding <=> CAST(:q AS halfvec)").bindparams(q=halfvec_literal(vec))
+        query_vec = cast(bindparam("q", halfvec_literal(vec)), HalfVec())
+        distance = literal_column("search_vectors.embedding").op("<=>", return_type=Float())(query_vec)
         conds: list[Any] = list(filter_conditions(filters))
         # The kind as a literal, so the planner can match the partial HNSW index of that kind.
         conds.append(text(f"search_vectors.kind = '{filters.kind}'"))
