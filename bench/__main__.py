@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -72,7 +73,7 @@ class Context:
 
     def n(self, quick: int, full: int) -> int:
         if self.args.smoke:
-            return min(quick, 4)
+            return min(quick, 2)
         return quick if self.quick else full
 
     def photos(self, n: int) -> list[str]:
@@ -302,8 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write every figure as JSON here")
     parser.add_argument("--table", type=Path, help="also write the printed table here")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write bench-throughput.png and bench-latency.png")
-    parser.add_argument("--from-json", type=Path, help="print the table and draw the plots of an earlier --out "
-                        "file; measures nothing")
+    parser.add_argument("--from-json", type=Path, nargs="+", metavar="JSON", help="print the table and draw the "
+                        "plots of earlier --out files (parts of later files win); measures nothing")
     parser.add_argument("--steps", help="steps for the all-steps figures (default: CATALOG_STEPS' default, all)")
     parser.add_argument("--megapixels", type=float, default=1.0, help="photo size (default 1.0 MP)")
     parser.add_argument("--no-servers", action="store_true", help="skip the parts that need Postgres and Redis")
@@ -321,7 +322,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = json.loads(args.from_json.read_text()) if args.from_json else measure(args)
+    # `timeout` and Ctrl-C end the run through the finally blocks: worker processes stopped,
+    # scratch databases dropped, the bench's Redis database flushed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    report = merged(args.from_json) if args.from_json else measure(args)
     text = table(report)
     print(text)
     if args.table:
@@ -338,6 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def merged(paths: list[Path]) -> dict[str, Any]:
+    """One report from several --out files: the first one's machine, every file's parts."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    report = dict(reports[0], parts={})
+    for other in reports:
+        report["parts"].update(other["parts"])
+    return report
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import logging
 
@@ -352,8 +365,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         wanted = args.parts or list(PARTS)
         report: dict[str, Any] = {"machine": machine(), "quick": args.quick, "steps": ctx.steps, "parts": {}}
         for name in wanted:
-            report["parts"][name] = run_part(name, parts[name], ctx)
+            report["parts"][name] = ctx.results[name] = run_part(name, parts[name], ctx)
             report["photos"] = ctx.photo_desc
+            if args.out:  # after every part: a run cut short keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2, default=str))
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
     finally:

@@ -15,6 +15,7 @@ import contextlib
 import cProfile
 import os
 import platform
+import re
 import threading
 import time
 import uuid
@@ -90,11 +91,14 @@ def machine_line(info: dict[str, Any]) -> str:
 DARKNET = Path("/usr/share/darknet/data")
 
 
-def base_photos() -> list[tuple[str, Image.Image]]:
+def base_photos(limit: int = 100) -> list[tuple[str, Image.Image]]:
+    """Up to ``limit`` real photos, the scikit-image ones first."""
     from skimage import data
 
     photos = [(name, Image.fromarray(getattr(data, name)()).convert("RGB"))
-              for name in ("astronaut", "coffee", "chelsea", "rocket")]
+              for name in ("astronaut", "coffee", "chelsea", "rocket")[:limit]]
+    if len(photos) >= limit:
+        return photos
     try:
         from sklearn.datasets import load_sample_images
 
@@ -114,7 +118,7 @@ def write_photos(folder: Path, n: int, megapixels: float = 1.0, quality: int = 9
     real photos; each file differs slightly (a few pixels cropped) so no two have the same bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     sized = []
-    for name, img in base_photos():
+    for name, img in base_photos(n):
         scale = (megapixels * 1e6 / (img.width * img.height)) ** 0.5
         sized.append((name, img.resize((round(img.width * scale), round(img.height * scale)),
                                        Image.Resampling.LANCZOS)))
@@ -300,6 +304,7 @@ def scratch_database(prefix: str = "catalog_bench") -> Iterator[str]:
     from db.migrate import upgrade
     from db.session import dispose_engines
 
+    _drop_orphans()
     name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     pg_admin(f'CREATE DATABASE "{name}"')
     url = f"{PG_BASE}/{name}"
@@ -309,6 +314,17 @@ def scratch_database(prefix: str = "catalog_bench") -> Iterator[str]:
     finally:
         dispose_engines()
         pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_SCRATCH = re.compile(r"^catalog_bench_[a-z0-9]+_(\d+)_[0-9a-f]{6}$")
+
+
+def _drop_orphans() -> None:
+    """Drop scratch databases of bench processes that are gone (a run killed hard)."""
+    for (name,) in pg_admin("SELECT datname FROM pg_database"):
+        match = _SCRATCH.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager

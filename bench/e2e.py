@@ -189,7 +189,7 @@ def burst(c: Cluster, images: int, per_listing: int, timeout: float = 900) -> di
 def e2e_part(ctx: Any) -> dict[str, Any]:
     """Metadata-only and all-steps bursts with 1 and 2 worker processes."""
     cores = os.cpu_count() or 1
-    counts = {"metadata": ctx.n(quick=200, full=400), "all": ctx.n(quick=8, full=16)}
+    counts = {"metadata": ctx.n(quick=100, full=300), "all": ctx.n(quick=8, full=16)}
     per_listing = 4
     results: dict[str, dict[str, Any]] = {}
     figures: list[dict[str, Any]] = []
@@ -233,9 +233,9 @@ def latency_part(ctx: Any) -> dict[str, Any]:
     """XADD -> listing done, p50/p95/p99, one worker process, metadata-only steps, at ~60 % of
     the saturation throughput measured first in the same cluster."""
     photos = ctx.photos(64)
-    count = ctx.n(quick=150, full=300)
+    count = ctx.n(quick=80, full=200)
     with cluster(photos, ["metadata"], 1, log_dir=ctx.tmp) as c:
-        sat = burst(c, ctx.n(quick=120, full=200), 1)  # one image per listing, as offered below
+        sat = burst(c, ctx.n(quick=60, full=120), 1)  # one image per listing, as offered below
         rate = 0.6 * sat["images_per_s"]
         interval = 1.0 / rate
         ids = []
