@@ -120,7 +120,7 @@ def similar_cmd(query: str, k: int, category: str | None, object_label: str | No
     """
     from db.session import session_factory
     from worker.search.errors import SearchError
-    from worker.search.similar import SimilarQuery, find_listing, similar, vector_for_image, vector_for_listing
+    from worker.search.similar import SimilarQuery, similar, vector_for_image, vector_for_listing
 
     settings = cli_settings()
     setup_logging(settings)
@@ -134,7 +134,7 @@ def similar_cmd(query: str, k: int, category: str | None, object_label: str | No
     try:
         with session_factory(settings.effective_database_url)() as session:
             kind_ = kind or settings.search_embedding
-            listing = None if query.startswith("image:") else find_listing(session, query.removeprefix("listing:"))
+            listing = _listing(session, query)
             if listing is not None:
                 qv = vector_for_listing(session, settings, listing.external_id, kind_)
                 described = {"listing": listing.external_id, "image_id": qv.image_id, "seller_id": qv.seller_id}
@@ -164,6 +164,21 @@ def similar_cmd(query: str, k: int, category: str | None, object_label: str | No
         click.echo(f"contact sheet: {sheet}", err=as_json)
 
 
+def _listing(session: Any, query: str) -> Any:
+    """The listing QUERY names: ``listing:ID`` (the shop's id or the row id), or a shop's
+    listing id as is; plain digits that are no shop's id are an image id."""
+    from sqlalchemy import select
+
+    from db import models as m
+    from worker.search.similar import find_listing
+
+    if query.startswith("listing:"):
+        return find_listing(session, query.removeprefix("listing:"))
+    if query.startswith("image:"):
+        return None
+    return session.execute(select(m.Listing).where(m.Listing.external_id == query)).scalar_one_or_none()
+
+
 def render_similar(query: str, described: dict[str, Any], results: list[Any], include_own_seller: bool) -> str:
     what = (f"listing {described['listing']} (image {described['image_id']})" if "listing" in described
             else f"image {described['image_id']}" if "image_id" in described else f"photo {described['photo']}")
@@ -180,7 +195,7 @@ def render_similar(query: str, described: dict[str, Any], results: list[Any], in
         if r.why:
             extra.append("shares: " + ", ".join(r.why[:6]))
         if r.collapsed:
-            extra.append("near-identical photos folded in: images " + ", ".join(map(str, r.collapsed)))
+            extra.append("folded in (same listing or near-identical photo): images " + ", ".join(map(str, r.collapsed)))
         if extra:
             lines.append("    " + "; ".join(extra))
     return "\n".join(lines)

@@ -13,6 +13,7 @@ missing is reported ``unavailable`` and contributes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ from worker.pipeline.contract import ImageContext, StepRun
 from worker.pipeline.registry import run_steps
 from worker.search.tags import Vocabulary, vocabulary
 from worker.search.vectors import vectors_from_runs
+
+# onnxruntime must be loaded before usearch (the embedded search index) in a process that does
+# both, as `catalog api` does: with usearch 2.26 loaded first, running an onnxruntime session
+# (the U2-Netp segmenter) crashes the process in libstdc++ (segfault). Importing it here, before
+# any query can load usearch, keeps the order right.
+with contextlib.suppress(ImportError):
+    import onnxruntime  # noqa: F401
 
 #: Steps that describe a photo (category and labels, boxes, colours, the product-region
 #: vector), in pipeline order. Fraud checks, super-resolution and the thumbnail are the

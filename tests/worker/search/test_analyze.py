@@ -86,3 +86,30 @@ def test_the_listing_photo_limits_apply(coffee: bytes, make_settings: Callable[.
     with pytest.raises(ImageLoadError, match="CATALOG_MAX_PIXELS") as wide:
         decode_upload(coffee, make_settings(max_pixels=100_000))
     assert wide.value.code == "too_many_pixels"
+
+
+CRASH_ORDER = """
+import io, sys
+from skimage import data
+from PIL import Image
+import worker.search.analyze as analyze    # what `catalog api` loads with the search routes
+import usearch.index                       # a visual-search query loads the embedded index
+from worker.config import load_settings
+settings = load_settings(data_dir=sys.argv[1], steps=["segmentation"], torch_threads=1, onnx_backend="onnxruntime")
+out = io.BytesIO()
+Image.fromarray(data.coffee()).save(out, format="JPEG")
+result = analyze.analyze_photo(analyze.decode_upload(out.getvalue(), settings), settings)
+print([s["status"] for s in result.steps])
+"""
+
+
+def test_a_query_before_an_analysis_does_not_crash_the_process(tmp_path: Path) -> None:
+    """usearch loaded before onnxruntime made the first U2-Netp run segfault (the API serves
+    similar queries and /analyze in one process); worker.search.analyze loads onnxruntime first."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CRASH_ORDER, str(tmp_path / "data")], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[3])
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip().endswith("['ok']")
