@@ -265,3 +265,16 @@ def test_similar_on_the_embedded_sqlite_database(tmp_path: Path, sqlite_template
         assert answer.status_code == 200, answer.text
         assert [r["external_id"] for r in answer.json()["results"]] == [near]
         assert c.get("/api/v1/listings/missing/similar", headers=h).status_code == 404
+
+
+def test_search_switched_off_is_503_before_any_model_runs(pg_url: str, make_settings: Callable[..., Settings],
+                                                          reviewer: User) -> None:
+    settings = make_settings(database_url=pg_url, steps=STEPS, search_backend="off", analyze_rate_per_minute=1)
+    query = add_listing(pg_url, unit(np.random.default_rng(1)), seller=f"s-{uuid.uuid4().hex[:6]}")
+    with TestClient(create_app(settings, secret=b"s" * 32)) as c:
+        for _ in range(2):  # refused before the photo counts against the rate
+            off = c.post("/api/v1/search/image", headers=reviewer.headers,
+                         files={"photo": ("cup.jpg", coffee(), "image/jpeg")})
+            assert off.status_code == 503 and "CATALOG_SEARCH_BACKEND=off" in off.json()["detail"]
+        listing = c.get(f"/api/v1/listings/{query}/similar", headers=reviewer.headers)
+        assert listing.status_code == 503 and "CATALOG_SEARCH_BACKEND=off" in listing.json()["detail"]

@@ -254,6 +254,8 @@ async def search_image(request: Request, who: Reviewer, k: K = 10, category: Cat
     whole photo's, ``kind=full``) is searched. The answer carries the analysis too."""
     options = _options(k, category, label, colour, seller, exclude_seller, status, kind)
     settings = state(request).settings
+    if settings.search_backend == "off":  # say so before the models run
+        raise HTTPException(503, "Visual search is switched off (CATALOG_SEARCH_BACKEND=off).")
     analysis = await analysed_upload(request, who)
     try:
         vector, version = analysis.vector(kind or settings.search_embedding)
