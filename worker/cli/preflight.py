@@ -61,11 +61,23 @@ def check_steps(settings: Settings) -> None:
 def preflight(settings: Settings, models: bool = True, cuda: bool | None = None) -> None:
     """All start-up checks; ``models=False`` for processes that run no model (ingest, api,
     a worker on the ingest or train queue only): the device and the weights do not concern
-    them, and a deployment shares one environment between CPU and GPU hosts."""
+    them, and a deployment shares one environment between CPU and GPU hosts. The webhook
+    target is checked for every process."""
+    check_webhook(settings)
     if not models:
         return
     check_device(settings, cuda)
     check_steps(settings)
+
+
+def check_webhook(settings: Settings) -> None:
+    """CATALOG_WEBHOOK_URL whose address the fetch fence refuses: every event would only be
+    dead-lettered, so start-up stops (a host that does not resolve now is not refused)."""
+    from worker.outbound.webhook import check_target
+
+    problem = check_target(settings)
+    if problem:
+        raise PreflightError(problem)
 
 
 def preflight_or_exit(settings: Settings, runs_models: bool = True) -> None:

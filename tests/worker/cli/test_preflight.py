@@ -110,3 +110,14 @@ def test_every_long_running_command_refuses_a_bad_setting(tmp_path: Path, monkey
     args = [command, str(tmp_path)] if command == "process" else [command]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and result.output.startswith(f"Error: invalid configuration:\n  {var}: ")
+
+
+def test_a_webhook_the_fetch_fence_refuses_stops_every_process(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path, steps=["metadata"], webhook_secret="k",
+                             webhook_url="http://10.1.2.3:8080/hook")
+    for models in (True, False):  # workers, and ingest/api alike
+        with pytest.raises(pf.PreflightError, match="^CATALOG_WEBHOOK_URL: refused to post to"):
+            pf.preflight(settings, models=models, cuda=False)
+    allowed = load_settings(data_dir=tmp_path, steps=["metadata"], webhook_secret="k",
+                            webhook_url="http://10.1.2.3:8080/hook", fetch_allow_hosts="10.1.2.3:8080")
+    pf.preflight(allowed, models=False, cuda=False)
