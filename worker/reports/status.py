@@ -61,8 +61,23 @@ def database_status(settings: Settings) -> dict[str, Any]:
             # Deprecated in the report (kept for scripts): events `catalog submit` rejected; the
             # one count to read is dead_lettered_events (collect_status).
             "dead_letters": session.execute(select(func.count()).select_from(m.DeadLetter)).scalar_one(),
+            # listing.processed (worker/outbound): not yet on the results stream, webhook
+            # deliveries still to make, and webhook deliveries given up (rows in dead_letters
+            # whose source is ``webhook:<event id>``; they are results, not rejected events).
+            "outbound": _outbound(session),
             **_rates(session, now, count(pending)),
         }
+
+
+def _outbound(session: Session) -> dict[str, int]:
+    def outbox(*where) -> int:
+        return int(session.execute(select(func.count()).select_from(m.OutboxEvent).where(*where)).scalar_one())
+
+    webhook_dead = session.execute(select(func.count()).select_from(m.DeadLetter)
+                                   .where(m.DeadLetter.source.like("webhook:%"))).scalar_one()
+    return {"unpublished": outbox(m.OutboxEvent.published_at.is_(None)),
+            "webhook_pending": outbox(m.OutboxEvent.webhook_status == "pending"),
+            "webhook_given_up": int(webhook_dead)}
 
 
 def _rates(session: Session, now: datetime, pending: int) -> dict[str, Any]:
@@ -188,7 +203,7 @@ def collect_status(settings: Settings, inspect_timeout: float = 1.0) -> dict[str
     if "broker_error" in status and not settings.embedded_broker:
         status["dead_lettered_events"] = None  # the stream's part is unknown
     else:
-        status["dead_lettered_events"] = status["dead_letters"] + (stream_dead or 0)
+        status["dead_lettered_events"] = _submit_dead_letters(status) + (stream_dead or 0)
     if "broker_error" in status:
         status["workers"] = None
         return status
@@ -233,9 +248,15 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _submit_dead_letters(status: dict[str, Any]) -> int:
+    """Rows of table dead_letters that are rejected events (``catalog submit``), not webhook
+    deliveries given up."""
+    return int(status["dead_letters"]) - int((status.get("outbound") or {}).get("webhook_given_up") or 0)
+
+
 def _render_dead_letters(status: dict[str, Any]) -> str:
     total = status["dead_lettered_events"]
-    submit = status["dead_letters"]
+    submit = _submit_dead_letters(status)
     stream = (status.get("events_stream") or {}).get("dead_letters")
     parts = [f"{submit} by catalog submit in table dead_letters"]
     if stream is not None:

@@ -86,6 +86,17 @@ def test_one_dead_letter_count_on_the_embedded_broker(tmp_path: Path, make_setti
         "dead-lettered events         2  (invalid events set aside, never applied: 2 by catalog submit "
         "in table dead_letters)"]
 
+    # A webhook delivery given up (worker/outbound) is a result, not a rejected event.
+    with transaction(url) as session:
+        session.add(m.OutboxEvent(event_id="e-1", type="listing.processed", payload={}, webhook_status="pending"))
+        session.add(m.OutboxEvent(event_id="e-2", type="listing.processed", payload={},
+                                  published_at=m.utcnow(), webhook_status="dead"))
+        record_dead_letter(session, "webhook:e-2", "{}", "webhook gave up after 8 attempt(s): HTTP 500")
+    status = collect_status(make_settings(database_url=url))
+    assert status["dead_lettered_events"] == 2 and status["dead_letters"] == 3
+    assert status["outbound"] == {"unpublished": 1, "webhook_pending": 1, "webhook_given_up": 1}
+    assert "outbound                     unpublished=1, webhook_pending=1, webhook_given_up=1" in render(status)
+
     # The command prints valid JSON with the same numbers.
     for key, value in {"DATABASE_URL": url, "DATA_DIR": str(tmp_path / "data"), "STEPS": "metadata"}.items():
         monkeypatch.setenv(f"CATALOG_{key}", value)
