@@ -237,12 +237,16 @@ def install_meter(meter: ForwardMeter = METER) -> ForwardMeter:
     return meter
 
 
+#: step name -> wall and process CPU time of its ``run`` (filled by the wrappers of label_steps)
+STEP_TALLIES: dict[str, Tally] = {}
+
+
 def label_steps(meter: ForwardMeter = METER) -> dict[str, Tally]:
     """Wrap every step instance's ``run`` so forwards are counted per step, and time each step
     (wall and process CPU). Returns the per-step tallies (filled as steps run)."""
     from worker.pipeline.registry import STEP_REGISTRY, get_step
 
-    tallies: dict[str, Tally] = {}
+    tallies = STEP_TALLIES  # one dict: a step instance is wrapped once per process
     for name in STEP_REGISTRY:
         step = get_step(name)
         run = type(step).run

@@ -20,8 +20,9 @@ cd "$root"
 "$root/scripts/services" >/dev/null 2>&1 || echo "Postgres/Redis could not be started: the end-to-end figures will say so"
 
 if [[ $dry == 1 ]]; then
+  # three steps (one torch model, one onnxruntime model): the dry run checks the code path
   echo "dry run: GPU part on the CPU with tiny counts" | tee "$out/gpu.txt"
-  timeout 420 "$py" -m bench gpu --gpu-dry-run --quick -v \
+  timeout 600 "$py" -m bench gpu --gpu-dry-run --smoke --steps metadata,tagging,nsfw -v \
     --out "$out/bench-gpu.json" --table "$out/bench-gpu.txt" 2>&1 | tee "$out/bench-gpu.log"
   exit "${PIPESTATUS[0]}"
 fi

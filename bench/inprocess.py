@@ -228,11 +228,14 @@ def models_part(ctx: Any) -> dict[str, Any]:
         }
         for step, v in per_step.items():
             if step in MODEL_STEPS or v["model_ms"]:
-                note = "not run: photo not small enough" if step == "superres" and not v["forwards_per_image"] else ""
+                note = f"CPU {v['model_cpu_ms']} ms; {v['forwards_per_image']} forwards/img"
+                if step == "superres" and not v["forwards_per_image"]:
+                    note = "not run: superres only enhances photos with a short side < 512 px"
                 figures.append({"name": f"model ms/img {step} ({threads} thr, batch {batch})", "value": v["model_ms"],
                                 "unit": "ms", "note": note})
+        cpu_total = sum(v["model_cpu_ms"] for v in per_step.values())
         figures.append({"name": f"model-only ceiling, {procs} process(es) x {threads} thr", "value": ceiling,
-                        "unit": "img/s", "note": f"sum of model time {total} ms/img"})
+                        "unit": "img/s", "note": f"sum of model wall time {total} ms/img (CPU {cpu_total:.1f} ms)"})
     return {"figures": figures, "details": details}
 
 
