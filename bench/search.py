@@ -288,6 +288,12 @@ def photos() -> dict[str, Any]:
     return found
 
 
+def _fit(img: Any, side: int) -> Any:
+    """Shop photos are rarely larger than this; keeps the run short on a loaded machine."""
+    scale = side / max(img.size)
+    return img if scale >= 1 else img.resize((round(img.width * scale), round(img.height * scale)))
+
+
 def variants(img: Any, background: Any, rng: np.random.Generator) -> dict[str, Any]:
     """Re-photographed-like views of one product photo."""
     from PIL import Image, ImageEnhance
@@ -329,7 +335,8 @@ def _perspective_coeffs(target: list[tuple[float, float]], source: list[tuple[fl
     return np.linalg.solve(a, b).tolist()
 
 
-def run_quality(steps: tuple[str, ...] = ("tagging", "segmentation", "embedding")) -> dict[str, Any]:
+def run_quality(steps: tuple[str, ...] = ("tagging", "segmentation", "embedding"), threads: int = 1,
+                max_side: int = 640) -> dict[str, Any]:
     """Top-1 / top-5 of the original photo for each variant, full vs region vectors."""
     import hashlib
     import tempfile
@@ -340,7 +347,7 @@ def run_quality(steps: tuple[str, ...] = ("tagging", "segmentation", "embedding"
     from worker.search.vectors import vectors_from_runs
 
     tmp = tempfile.mkdtemp(prefix="bench-search-")
-    settings = load_settings(data_dir=Path(tmp), steps=list(steps))
+    settings = load_settings(data_dir=Path(tmp), steps=list(steps), torch_threads=threads)
 
     def embed(img: Any) -> tuple[dict[str, np.ndarray], str | None]:
         ctx = ImageContext(image_id=0, listing_id=0, seller_id="bench", category=None, url="bench", image=img,
@@ -351,7 +358,7 @@ def run_quality(steps: tuple[str, ...] = ("tagging", "segmentation", "embedding"
         source = region_run.result.data.get("source") if region_run and region_run.result else None
         return {k: v for k, (v, _) in vectors_from_runs(runs).items()}, source
 
-    library = photos()
+    library = {name: _fit(img, max_side) for name, img in photos().items()}
     names = sorted(library)
     log(f"{len(names)} real photos; embedding the originals")
     gallery = {name: embed(library[name]) for name in names}
@@ -404,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-steps", default="tagging,segmentation,embedding",
                         help="pipeline steps that produce the vectors of the quality run (add detection "
                              "for its fallback box; default without it, to fit a loaded 2-core machine)")
+    parser.add_argument("--quality-threads", type=int, default=1,
+                        help="torch threads of the quality run (default 1: on a shared machine more "
+                             "threads spin on cores other processes hold)")
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -415,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
     if not args.no_quality:
-        report["quality"] = run_quality(tuple(args.quality_steps.split(",")))
+        report["quality"] = run_quality(tuple(args.quality_steps.split(",")), args.quality_threads)
     report["load_at_end"] = os.getloadavg()
     text = json.dumps(report, indent=2)
     if args.out:
