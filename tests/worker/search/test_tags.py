@@ -149,7 +149,7 @@ def test_bad_queries_are_one_sentence(session: Session, settings: Settings) -> N
             search_tags(session, settings, "cup", k=k)
 
 
-def test_like_wildcards_in_a_query_are_literal(session: Session, settings: Settings,
+def test_wildcards_in_a_query_are_literal(session: Session, settings: Settings,
                                                catalogue: dict[str, Any]) -> None:
     assert ours(search_tags(session, settings, "c_p", k=100), catalogue) == []
     assert ours(search_tags(session, settings, "cu%", k=100), catalogue) == []
