@@ -4,6 +4,9 @@ Sniffs the format from the bytes (never the file name), allows only JPEG, PNG, W
 BMP and TIFF, checks width x height against ``max_pixels`` from the header before any pixel
 is decoded, and returns an RGB image with the EXIF orientation applied (first frame of
 animations).
+
+:func:`decode_batch` decodes several photos at once into tensors for the GPU path (nvjpeg
+through torchvision for JPEGs, this module's checks and Pillow for everything else).
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 import io
 import re
 import struct
+import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import (
@@ -380,3 +386,124 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _wide_to_rgb(image)
     return image.convert("RGB")
+
+
+# --- batched decode to tensors (the GPU path, docs/gpu.md) -------------------------------
+
+
+@dataclass(frozen=True)
+class DecodedTensor:
+    """One decoded photo as a uint8 (3, H, W) RGB tensor, upright (EXIF orientation applied)."""
+
+    tensor: Any  # torch.Tensor on the requested device
+    format: str  # the sniffed format, as decode_image returns it
+    decoded_on: str  # "nvjpeg" (torchvision's batched JPEG decoder, on the tensor's device) or "pillow"
+
+
+def decode_batch(datas: Sequence[bytes], settings: Settings, device: Any = "cpu",
+                 batched: bool | None = None) -> list[DecodedTensor | ImageLoadError]:
+    """Decode several photos at once into RGB tensors on ``device``; one result per input, in
+    order: the tensor, or the :class:`ImageLoadError` that photo alone fails with.
+
+    JPEGs whose header passes the same checks as :func:`decode_image` (format sniffed from the
+    bytes, pixel count against ``CATALOG_MAX_PIXELS`` before any pixel is decoded, a YCbCr or
+    greyscale frame) go to ``torchvision.io.decode_jpeg`` as ONE list (nvjpeg's batched decoder
+    when ``device`` is CUDA), and the EXIF orientation is applied to the tensor. Everything
+    else (PNG, WebP, CMYK JPEGs...) and any JPEG that decoder refuses takes the CPU path,
+    :func:`decode_image`, then moves to ``device``: the same pixels and the same error codes as
+    the rest of the worker. ``batched`` defaults to "device is CUDA"; ``batched=True`` on the
+    CPU runs the same code through torchvision's CPU decoder (how the tests check it).
+    """
+    import torch
+
+    device = torch.device(device)
+    use_batch = device.type == "cuda" if batched is None else batched
+    results: list[DecodedTensor | ImageLoadError | None] = [None] * len(datas)
+    queued: list[tuple[int, Image.Transpose | None]] = []
+    for index, data in enumerate(datas):
+        header = _jpeg_header(data, settings) if use_batch else None
+        if isinstance(header, ImageLoadError):
+            results[index] = header
+        elif header is not None:
+            queued.append((index, header[0]))
+    if queued:
+        _decode_jpegs(datas, queued, device, results)
+    for index, data in enumerate(datas):
+        if results[index] is None:
+            results[index] = _decode_on_cpu(data, settings, device)
+    return [result for result in results if result is not None]
+
+
+def _jpeg_header(data: bytes, settings: Settings) -> tuple[Image.Transpose | None] | ImageLoadError | None:
+    """For a JPEG the batched decoder can take: (its orientation,); an error for a JPEG refused
+    by its header alone; None for anything the CPU path must decode."""
+    if _sniff(data) != "JPEG":
+        return None
+    try:
+        opened = _open("JPEG", JpegImagePlugin.JpegImageFile, data, settings)
+    except ImageLoadError as exc:
+        return exc
+    try:
+        width, height = opened.size
+        if width <= 0 or height <= 0:
+            return ImageLoadError("truncated", f"JPEG header gives an empty size {width}x{height}")
+        if width * height > settings.max_pixels:
+            return _pixels_error(width, height, settings)
+        if opened.mode not in ("RGB", "L"):
+            return None  # CMYK / YCCK: Pillow's conversion, on the CPU
+        return (_orientation(opened),)
+    finally:
+        opened.close()
+
+
+def _decode_jpegs(datas: Sequence[bytes], queued: list[tuple[int, Image.Transpose | None]], device: Any,
+                  results: list[DecodedTensor | ImageLoadError | None]) -> None:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    inputs = [torch.frombuffer(bytearray(datas[index]), dtype=torch.uint8) for index, _ in queued]
+    with warnings.catch_warnings():
+        # torchvision 0.29 announces that TorchCodec will take its decoders over; until that
+        # ships a batched nvjpeg decode, this is the one there is (docs/gpu.md).
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
+        try:
+            decoded = decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the whole call: retry one by one
+            decoded = []
+            for tensor in inputs:
+                try:
+                    decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)  # the CPU path decodes it, or says what is wrong with it
+    for (index, transpose), tensor in zip(queued, decoded, strict=True):
+        if tensor is not None:
+            results[index] = DecodedTensor(_transposed(tensor, transpose), "JPEG", "nvjpeg")
+
+
+def _transposed(tensor: Any, transpose: Image.Transpose | None) -> Any:
+    """``Image.transpose`` on a (C, H, W) tensor."""
+    import torch
+
+    if transpose is None:
+        return tensor
+    ops: dict[Image.Transpose, Callable[[Any], Any]] = {
+        Image.Transpose.FLIP_LEFT_RIGHT: lambda t: t.flip(-1),
+        Image.Transpose.FLIP_TOP_BOTTOM: lambda t: t.flip(-2),
+        Image.Transpose.ROTATE_180: lambda t: t.flip(-1).flip(-2),
+        Image.Transpose.ROTATE_90: lambda t: torch.rot90(t, 1, dims=(-2, -1)),
+        Image.Transpose.ROTATE_270: lambda t: torch.rot90(t, -1, dims=(-2, -1)),
+        Image.Transpose.TRANSPOSE: lambda t: t.transpose(-1, -2),
+        Image.Transpose.TRANSVERSE: lambda t: t.transpose(-1, -2).flip(-1).flip(-2),
+    }
+    return ops[transpose](tensor).contiguous()
+
+
+def _decode_on_cpu(data: bytes, settings: Settings, device: Any) -> DecodedTensor | ImageLoadError:
+    import torch
+
+    try:
+        image, fmt = decode_image(data, settings)
+    except ImageLoadError as exc:
+        return exc
+    tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return DecodedTensor(tensor.to(device), fmt, "pillow")
