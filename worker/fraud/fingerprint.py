@@ -50,7 +50,7 @@ def trim_borders(image: Image.Image, tolerance: float = 12.0, max_fraction: floa
     the corner colour; at most ``max_fraction`` of each side is removed, so a photo of a
     white product on a white background loses its margin but never its content.
     """
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    grey = np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.float32)
     h, w = grey.shape
     if h < 16 or w < 16:
         return image
@@ -81,12 +81,16 @@ def centre_crop(image: Image.Image, keep: float) -> Image.Image:
 
 
 def views(image: Image.Image, anchored: bool = True, query: bool = False) -> dict[str, Image.Image]:
-    image = image.convert("RGB")
+    """The views to hash, as grey images (the hashes look at grey pixels only: converting the
+    working copy once gives the very pixels converting every crop did)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     if max(image.size) > WORKING_SIDE:
         # Hashes look at 32x32 pixels: one downscale up front keeps 30 hashes of a 24 MP
         # photo cheap, and stored and query images go through the same path.
         image = image.copy()
         image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.LANCZOS)
+    image = image.convert("L")
     out = {"full": image}
     trimmed = trim_borders(image)
     if trimmed.size != image.size:

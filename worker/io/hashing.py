@@ -18,14 +18,15 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 def _gray(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    return np.asarray(image.convert("L").resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+    # Grey first, then resize (the order every stored hash was computed in); an image that
+    # already is grey is not converted again (convert("L") would copy it).
+    grey = image if image.mode == "L" else image.convert("L")
+    return np.asarray(grey.resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
 
 
 def _bits_to_int(bits: np.ndarray) -> int:
-    value = 0
-    for bit in bits.ravel():
-        value = (value << 1) | int(bool(bit))
-    return value
+    """Bits (row-major, first bit most significant) -> unsigned integer."""
+    return int.from_bytes(np.packbits(np.asarray(bits, dtype=bool).ravel()).tobytes(), "big")
 
 
 def phash(image: Image.Image) -> int:
@@ -36,6 +37,12 @@ def phash(image: Image.Image) -> int:
     coeffs = (dct @ pixels @ dct.T)[:8, :8]
     median = np.median(coeffs.ravel()[1:])
     return _bits_to_int(coeffs > median)
+
+
+def hashes(image: Image.Image) -> tuple[int, int]:
+    """(pHash, dHash) of ``image``, converting it to grey once for both."""
+    grey = image if image.mode == "L" else image.convert("L")
+    return phash(grey), dhash(grey)
 
 
 def dhash(image: Image.Image) -> int:

@@ -18,11 +18,12 @@ from typing import ClassVar
 from PIL import Image
 
 from worker.config import Settings
-from worker.io.hashing import dhash, phash, to_hex
+from worker.io.hashing import hashes, to_hex
 from worker.pipeline.contract import Artifact, ImageContext, StepResult
 
 THUMBNAIL_KIND = "thumbnail"
 THUMBNAIL_QUALITY = 85
+THUMBNAIL_FILTER = Image.Resampling.BICUBIC
 
 
 def thumbnail_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -40,7 +41,9 @@ def write_thumbnail(image: Image.Image, max_side: int, path: Path) -> Artifact:
 
     Written to a temporary file first and renamed into place: the review service may be
     serving the previous thumbnail of the same image while the image is analysed again."""
-    thumb = image.resize(thumbnail_size(image.size, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    # Bicubic: for a picture people look at, about half a grey level from Lanczos on average
+    # (tests/worker/steps/test_overhead_cuts.py), and about a quarter cheaper per photo.
+    thumb = image.resize(thumbnail_size(image.size, max_side), THUMBNAIL_FILTER, reducing_gap=2.0)
     if thumb.mode != "RGB":  # steps see RGB; a caller's RGBA or L image still makes a JPEG
         thumb = thumb.convert("RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,7 @@ class MetadataStep:
 
     def run(self, ctx: ImageContext) -> StepResult:
         width, height = ctx.image.size
+        phash, dhash = hashes(ctx.image)  # one grey conversion for both
         thumbnail = write_thumbnail(ctx.image, ctx.settings.thumbnail_side,
                                     ctx.artifact_dir / f"{ctx.image_id}-thumb.jpg")
         return StepResult(
@@ -80,7 +84,7 @@ class MetadataStep:
                 "format": ctx.source_format,
                 "size_bytes": len(ctx.raw),
                 "sha256": ctx.sha256,
-                "phash": to_hex(phash(ctx.image)),
-                "dhash": to_hex(dhash(ctx.image)),
+                "phash": to_hex(phash),
+                "dhash": to_hex(dhash),
             },
         )

@@ -71,6 +71,7 @@ FOREGROUND = 0.5  # mask probability above which a pixel is product
 BACKGROUND = 0.2  # below which it is background (the band between is the soft edge)
 MIN_FOREGROUND_SHARE = 0.002  # less than this is speckle, not a product
 ANALYSIS_MAX_SIDE = 1024  # box, colours and background are measured at most at this size
+CUTOUT_PNG_LEVEL = 1  # zlib level of the cutout PNG (pixels are lossless at every level)
 
 
 # --- masks -----------------------------------------------------------------------------------
@@ -297,7 +298,9 @@ def write_cutout(image: Image.Image, mask: Mask, box: tuple[int, int, int, int],
     alpha = mask.resized(cut.width, cut.height, (float(x0), float(y0), float(x1), float(y1)))
     cut.putalpha(Image.fromarray(np.round(alpha * 255).astype(np.uint8)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    cut.save(path, format="PNG")
+    # zlib level 1: the same pixels, several times faster than the default level 6 on a
+    # megapixel RGBA cutout, for a somewhat larger file.
+    cut.save(path, format="PNG", compress_level=CUTOUT_PNG_LEVEL)
     return Artifact("cutout", path, cut.width, cut.height)
 
 
