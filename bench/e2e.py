@@ -189,7 +189,7 @@ def burst(c: Cluster, images: int, per_listing: int, timeout: float = 900) -> di
 def e2e_part(ctx: Any) -> dict[str, Any]:
     """Metadata-only and all-steps bursts with 1 and 2 worker processes."""
     cores = os.cpu_count() or 1
-    counts = {"metadata": ctx.n(quick=100, full=300), "all": ctx.n(quick=8, full=16)}
+    counts = {"metadata": ctx.n(quick=100, full=240), "all": ctx.n(quick=8, full=16)}
     per_listing = 4
     results: dict[str, dict[str, Any]] = {}
     figures: list[dict[str, Any]] = []

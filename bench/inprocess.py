@@ -201,7 +201,7 @@ def models_part(ctx: Any) -> dict[str, Any]:
     from worker.models.runtime import batch_size
 
     cores = os.cpu_count() or 1
-    photos = ctx.photos(ctx.n(quick=5, full=8) + 2)
+    photos = ctx.photos(ctx.n(quick=4, full=6) + 2)
     figures: list[dict[str, Any]] = []
     details: dict[str, Any] = {"photos": ctx.photo_desc, "steps": ctx.steps, "configs": {}}
     for procs in sorted({1, min(2, cores)}):
