@@ -363,15 +363,20 @@ def run_quality(steps: tuple[str, ...] = ("tagging", "segmentation", "embedding"
     log(f"{len(names)} real photos; embedding the originals")
     gallery = {name: embed(library[name]) for name in names}
     rng = np.random.default_rng(0)
-    per_kind: dict[str, dict[str, list[int]]] = {"full": {}, "region": {}}
+    # "fused": the mean of the full and the region cosines (both vectors stored anyway)
+    per_kind: dict[str, dict[str, list[int]]] = {"full": {}, "region": {}, "fused": {}}
     region_sources: dict[str, int] = {}
     for gi, name in enumerate(names):
         background = library[names[(gi + 7) % len(names)]]
         for variant, img in variants(library[name], background, rng).items():
             vectors, source = embed(img)
             region_sources[str(source)] = region_sources.get(str(source), 0) + 1
-            for kind in ("full", "region"):
-                scores = [(float(vectors[kind] @ gallery[other][0][kind]), other) for other in names]
+            for kind in ("full", "region", "fused"):
+                if kind == "fused":
+                    scores = [((float(vectors["full"] @ gallery[o][0]["full"])
+                                + float(vectors["region"] @ gallery[o][0]["region"])) / 2, o) for o in names]
+                else:
+                    scores = [(float(vectors[kind] @ gallery[other][0][kind]), other) for other in names]
                 ranked = [other for _, other in sorted(scores, reverse=True)]
                 per_kind[kind].setdefault(variant, []).append(ranked.index(name) + 1)
         log(f"{name}: done")
