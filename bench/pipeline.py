@@ -1,5 +1,9 @@
 """Pipeline throughput and latency (the foundation, without the vision models).
 
+``python -m bench`` (bench/__main__.py) supersedes this script with every figure of issue 14;
+this one stays for the earlier figures of docs/benchmarks.md. Both use Redis database 12 and
+the same lock, so they never run against each other.
+
     python -m bench.pipeline                  # ~1-2 min on 2 cores; needs local Postgres + Redis
     python -m bench.pipeline --images 200 --steps metadata
 
@@ -99,7 +103,7 @@ def end_to_end(photos: list[str], per_listing: int, concurrency: int, steps: lis
     url = f"{PG_BASE}/{name}"
     upgrade(url)
     r = redis.Redis.from_url(REDIS_URL)
-    r.flushdb()
+    _take_redis(r)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CATALOG_")}
     env.update(CATALOG_DATABASE_URL=url, CATALOG_BROKER_URL=REDIS_URL, CATALOG_DATA_DIR=str(tmp / "data"),
                CATALOG_STEPS=",".join(steps), CATALOG_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1",
@@ -135,6 +139,18 @@ def end_to_end(photos: list[str], per_listing: int, concurrency: int, steps: lis
             p.wait(timeout=30)
         r.flushdb()
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _take_redis(r: redis.Redis) -> None:
+    """Flush the bench's Redis database for this run, unless another live bench holds it
+    (`python -m bench` uses the same database and lock: two runs would share one broker)."""
+    from bench.common import LOCK_KEY, _pid_alive
+
+    owner = r.get(LOCK_KEY)
+    if owner is not None and int(owner) != os.getpid() and _pid_alive(int(owner)):
+        raise RuntimeError(f"Redis {REDIS_URL} is in use by bench process {int(owner)}; wait for it to finish")
+    r.flushdb()
+    r.set(LOCK_KEY, os.getpid())
 
 
 def _wait_done(dbname: str, expected: int, timeout: float = 900) -> None:
