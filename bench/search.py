@@ -130,9 +130,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def bench_embedded(data: np.ndarray, queries: np.ndarray, truth: np.ndarray, ef: int, threads: int) -> dict[str, Any]:
-    from usearch.index import Index
+    from worker.search.embedded import CONNECTIVITY, EXPANSION_ADD, usearch_index_class
 
-    from worker.search.embedded import CONNECTIVITY, EXPANSION_ADD
+    Index = usearch_index_class()  # onnxruntime first (see there)
 
     before = rss_mb()
     index = Index(ndim=data.shape[1], metric="cos", dtype="f16", connectivity=CONNECTIVITY,

@@ -29,6 +29,7 @@ search-index rebuild`` builds the files from the database from scratch.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -69,6 +70,19 @@ MAX_EXACT = 200_000
 CONNECTIVITY, EXPANSION_ADD = 16, 64  # as pgvector: m = 16, ef_construction = 64
 
 
+def usearch_index_class() -> Any:
+    """``usearch.index.Index``, imported safely: onnxruntime (the segmentation and fraud models'
+    CPU engine) is imported first when it is installed. With usearch 2.26 loaded first, creating
+    any onnxruntime 1.32 session afterwards kills the process with a segmentation fault (seen in
+    an API process that answered a "similar" query before its first photo analysis); loaded the
+    other way round both work (tests/worker/search/test_pipeline.py checks it)."""
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime  # noqa: F401
+    from usearch.index import Index
+
+    return Index
+
+
 @contextmanager
 def _flock(path: Path, exclusive: bool) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,9 +113,7 @@ class _KindIndex:
     # --- files ---------------------------------------------------------------------------
 
     def _new(self, dim: int) -> Any:
-        from usearch.index import Index
-
-        return Index(ndim=dim, metric="cos", dtype="f16", connectivity=CONNECTIVITY,
+        return usearch_index_class()(ndim=dim, metric="cos", dtype="f16", connectivity=CONNECTIVITY,
                      expansion_add=EXPANSION_ADD, expansion_search=self.ef_search)
 
     def load(self) -> None:
@@ -109,12 +121,11 @@ class _KindIndex:
         self.loaded = True
         if not self.path.is_file() or not self.meta_path.is_file():
             return
-        from usearch.index import Index
-
+        index_class = usearch_index_class()
         try:
             with _flock(self.lock_path, exclusive=False):
                 meta = json.loads(self.meta_path.read_text())
-                index: Any = Index.restore(str(self.path))
+                index: Any = index_class.restore(str(self.path))
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("search index %s is unreadable (%s); it is rebuilt from the database", self.path, exc)
             return

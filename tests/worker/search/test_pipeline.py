@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,3 +241,25 @@ def test_migration_0007_copies_existing_embeddings(tmp_path: Path) -> None:
     with session_factory(url)() as s:
         rows = s.execute(select(m.SearchVector.image_id, m.SearchVector.kind, m.SearchVector.listing_id)).all()
     assert rows == [(1, "full", 1)]
+
+
+def test_usearch_then_onnxruntime_does_not_crash_the_process(tmp_path: Path) -> None:
+    """usearch 2.26 loaded before onnxruntime 1.32 makes the first onnxruntime session segfault:
+    the embedded index imports onnxruntime first. In a fresh process, as an API process would:
+    answer a query from the embedded index, then run the segmentation model."""
+    pytest.importorskip("onnxruntime")
+    script = tmp_path / "order.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from worker.search.embedded import usearch_index_class\n"
+        "index = usearch_index_class()(ndim=8, metric='cos', dtype='f16')\n"
+        "index.add(np.arange(4, dtype=np.uint64), np.random.rand(4, 8).astype('f4'))\n"
+        "index.search(np.random.rand(8).astype('f4'), 2)\n"
+        "from worker.config import load_settings\n"
+        "from worker.steps.segmentation import build_segmenter\n"
+        "from PIL import Image\n"
+        "mask = build_segmenter(load_settings(data_dir='" + str(tmp_path) + "')).infer(Image.new('RGB', (64, 64)))\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[3])
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-2000:])
