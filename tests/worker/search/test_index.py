@@ -213,3 +213,13 @@ def test_listing_and_image_errors(search: SearchEnv) -> None:
         similar(s, settings, SimilarQuery(vector=np.zeros(1280, np.float32)))
     with pytest.raises(SearchError, match="status"):
         similar(s, settings, SimilarQuery(vector=search.vector(), statuses=("deleted",)))
+
+
+def test_health_and_counts(search: SearchEnv) -> None:
+    before = search.index.count(search.session, "full")
+    search.add(search.vector())
+    search.add(search.vector())
+    assert search.index.count(search.session, "full") == before + 2
+    health = search.index.health(search.session)
+    assert health.backend == search.backend and health.counts["region"] == before + 2
+    assert ("pgvector" in health.detail) == (search.backend == "pgvector")
