@@ -73,6 +73,17 @@ SLOW_TESTS = (
     "tests/worker/intake/test_ingest.py::test_a_running_ingest_removes_the_consumer_whose_entries_it_took_over",
     "tests/worker/intake/test_ingest.py::test_continuous_mode_survives_a_broker_outage",
     "tests/worker/cli/test_main.py::test_train_sr_writes_checkpoint_and_metrics",  # 2-2.5 s
+    # Visual search: the real pipeline on photos, a fresh interpreter, the pgvector server.
+    "tests/worker/cli/test_search.py",  # the real pipeline on six photos (~35 s)
+    "tests/worker/api/test_search_routes.py::test_analyze_describes_a_photo_and_stores_nothing",
+    "tests/worker/api/test_search_routes.py::test_search_by_photo_finds_the_listing_whose_photo_is_a_crop_of_it",
+    "tests/worker/search/test_analyze.py::test_a_cup_photo_gets_category_tags_colours_boxes_and_vectors_and_nothing_is_stored",
+    "tests/worker/search/test_pipeline.py::test_real_photo_gets_full_and_region_vectors_and_loses_them_when_deleted",
+    "tests/worker/search/test_pipeline.py::test_failed_analysis_removes_the_vectors",
+    "tests/worker/search/test_pipeline.py::test_usearch_then_onnxruntime_does_not_crash_the_process",
+    # Operations: training interrupted by a real SIGINT; the first torch import for the batcher.
+    "tests/worker/training/test_sr_interrupt.py",
+    "tests/worker/observe/test_metrics.py::test_batcher_records_batch_sizes",
 )
 
 
