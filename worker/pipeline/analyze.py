@@ -48,6 +48,7 @@ from worker.pipeline.store import (
     LISTING_DELETED,
     clear_results,
     finish_image,
+    has_stored_results,
     is_retryable_db_error,
     lock_image,
     lock_listing,
@@ -254,15 +255,18 @@ def _store(session: Session, claim: Claim, loaded: LoadedImage, runs: list[StepR
         if isinstance(held, str):
             return ImageOutcome(claim.image_id, "skipped", held)
         listing, image = held
-        clear_results(session, claim.image_id)
+        if has_stored_results(image):  # a first analysis has nothing to clear
+            clear_results(session, claim.image_id)
         wctx = WriteContext(session=session, image_id=image.id, listing_id=listing.id,
                             seller_id=listing.seller_id, settings=settings)
         runs = apply_writers(wctx, runs)
-        store_runs(session, image, runs)
-        store_image_vectors(session, settings, image_id=image.id, listing_id=listing.id, runs=runs)
+        # The image row is written once, by finish_image: no autoflush of the hashes before.
+        with session.no_autoflush:
+            store_runs(session, image, runs)
+            store_image_vectors(session, settings, image_id=image.id, listing_id=listing.id, runs=runs)
         complete = all(run.status == "ok" for run in runs) and {run.step for run in runs} >= set(settings.steps)
         finish_image(session, image, status="done", error=None, loaded=loaded, settings=settings,
-                     complete=complete)
+                     complete=complete, listing=listing)
         decision = _decision(listing)
     detail = "" if complete else "incomplete: " + ", ".join(
         f"{run.step} {run.status}" for run in runs if run.status != "ok")
@@ -281,7 +285,8 @@ def _keep_previous(session: Session, claim: Claim, settings: Settings) -> ImageO
         held = _held_image(session, claim)
         if isinstance(held, str):
             return ImageOutcome(claim.image_id, "skipped", held)
-        finish_image(session, held[1], status="done", error=None, settings=settings, complete=True)
+        finish_image(session, held[1], status="done", error=None, settings=settings, complete=True,
+                     listing=held[0])
         decision = _decision(held[0])
     return ImageOutcome(claim.image_id, "done", "unchanged bytes: previous results kept", decision=decision)
 
@@ -292,8 +297,9 @@ def _fail(session: Session, claim: Claim, reason: str, settings: Settings) -> Im
         held = _held_image(session, claim)
         if isinstance(held, str):
             return None
-        clear_results(session, claim.image_id)
-        finish_image(session, held[1], status="failed", error=reason, settings=settings)
+        if has_stored_results(held[1]):
+            clear_results(session, claim.image_id)
+        finish_image(session, held[1], status="failed", error=reason, settings=settings, listing=held[0])
         decision = _decision(held[0])
     return ImageOutcome(claim.image_id, "failed", reason, decision=decision)
 

@@ -86,17 +86,31 @@ def end_pending_images(session: Session, listing_id: int, error: str) -> int:
 
 
 def clear_results(session: Session, image_id: int) -> None:
+    """Delete the image's stored results (callers skip it for an image that was never
+    finished: see :func:`has_stored_results`)."""
     for model in RESULT_TABLES:
         session.execute(delete(model).where(model.image_id == image_id))
     # Reviewed flags are history: only flags nobody has looked at are replaced.
     session.execute(delete(m.Flag).where(m.Flag.image_id == image_id, m.Flag.status == "open"))
 
 
+def has_stored_results(image: m.Image) -> bool:
+    """Whether the image (locked and read afresh) can have result rows. Results are only ever
+    written by the transaction that finishes the image (``finish_image`` sets ``processed_at``,
+    which nothing resets), so an image never finished has none: a first analysis skips
+    :func:`clear_results`' DELETEs and the look-up of reviewed flags. A redelivered message
+    whose earlier run stored results sees ``processed_at`` set and clears them."""
+    return image.processed_at is not None
+
+
 def store_runs(session: Session, image: m.Image, runs: list[StepRun]) -> None:
-    """Insert the generic rows of every step run (call after :func:`clear_results`)."""
+    """Insert the generic rows of every step run (call after :func:`clear_results`).
+
+    ``image.phash``/``dhash`` are set on the object, not flushed: run this under
+    ``session.no_autoflush`` and let :func:`finish_image` write the image row once."""
     reviewed = set(session.execute(
         select(m.Flag.kind).where(m.Flag.image_id == image.id, m.Flag.status != "open")
-    ).scalars())
+    ).scalars()) if has_stored_results(image) else set()
     rows: dict[type[m.Base], list[dict[str, Any]]] = {model: [] for model in (*RESULT_TABLES, m.Flag)}
     for run in runs:
         result = run.result
@@ -134,9 +148,11 @@ def store_runs(session: Session, image: m.Image, runs: list[StepRun]) -> None:
 
 
 def finish_image(session: Session, image: m.Image, *, status: str, error: str | None,
-                 settings: Settings, loaded: LoadedImage | None = None, complete: bool = False) -> None:
+                 settings: Settings, loaded: LoadedImage | None = None, complete: bool = False,
+                 listing: m.Listing | None = None) -> None:
     """Finish the image (``done`` or ``failed``), release its lease and finish the listing if
-    this was its last pending image. ``complete``: every configured step ran ok."""
+    this was its last pending image. ``complete``: every configured step ran ok. ``listing``:
+    the image's listing, when this transaction already locked it (saves locking it again)."""
     image.status = status
     image.error = error
     image.complete = complete and status == "done"
@@ -149,11 +165,14 @@ def finish_image(session: Session, image: m.Image, *, status: str, error: str | 
         image.format = loaded.format
         image.size_bytes = loaded.size_bytes
     session.flush()
-    finish_listing_if_complete(session, image.listing_id, settings)
+    finish_listing_if_complete(session, image.listing_id, settings, listing=listing)
 
 
-def finish_listing_if_complete(session: Session, listing_id: int, settings: Settings) -> bool:
-    listing = lock_listing(session, listing_id)
+def finish_listing_if_complete(session: Session, listing_id: int, settings: Settings,
+                               listing: m.Listing | None = None) -> bool:
+    """``listing``: the row, when this transaction already locked it (else it is locked here)."""
+    if listing is None or listing.id != listing_id:
+        listing = lock_listing(session, listing_id)
     if listing.status in ("done", "deleted"):
         return listing.status == "done"
     pending = session.execute(
