@@ -1,10 +1,12 @@
 """Fixtures of the visual-search index tests: the same tests on both backends.
 
-``search`` is parametrised over ``pgvector`` (PostgreSQL 18 with pgvector started by
-``tests/support/pgvector.py``), ``embedded-sqlite`` (the embedded default) and
-``embedded-postgres`` (the tests' Postgres, which has no pgvector: ``auto`` must choose the
-embedded index there). Each test works in one transaction that is rolled back; the embedded
-index files live in the test's own directory.
+``search`` is parametrised over ``pgvector`` (a Postgres with pgvector and its HNSW indexes,
+chosen by ``tests/support/pgvector.py``: normally the tests' own PostgreSQL 15, into which
+``scripts/system-deps`` installs pgvector), ``embedded-sqlite`` (the embedded default) and
+``embedded-postgres`` (a Postgres database without pgvector: ``auto`` must choose the embedded
+index there; where the tests' server has the extension, a database of its own from which
+``DROP EXTENSION vector CASCADE`` took the column and the HNSW indexes again). Each test works
+in one transaction that is rolled back; the embedded index files live in the test's own directory.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from db import models as m
 from db.migrate import upgrade
 from db.session import session_factory
 from tests.support import pgvector as pgv
+from tests.support.services import create_pg_database, drop_pg_database
 from worker.config import Settings
 from worker.search.embedded import EmbeddedIndex
 from worker.search.index import VectorIndex, open_index
@@ -48,6 +51,24 @@ def pgvector_db() -> Iterator[str]:
     pgv.drop_database(name)
 
 
+@pytest.fixture(scope="session")
+def pg_without_pgvector(pg_url: str) -> Iterator[str]:
+    """A migrated Postgres database without the pgvector column: the tests' own one where the
+    server has no pgvector, else a database of its own with the extension dropped again (what
+    a Postgres without pgvector looks like to the search code: no ``search_vectors.embedding``)."""
+    with session_factory(pg_url)() as session:
+        if not pgvector_column(session, fresh=True):
+            yield pg_url
+            return
+    name = create_pg_database("catalog_nopgvector")
+    url = pg_url.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    with session_factory(url)() as s, s.begin():
+        s.execute(text("DROP EXTENSION vector CASCADE"))
+    yield url
+    drop_pg_database(name)
+
+
 @pytest.fixture(params=["pgvector", "embedded-sqlite", "embedded-postgres"])
 def backend_db(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> tuple[str, str]:
     if request.param == "pgvector":
@@ -56,7 +77,7 @@ def backend_db(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: 
         path = tmp_path / "catalog.db"
         shutil.copy(sqlite_template, path)
         return "embedded", f"sqlite:///{path}"
-    return "embedded", request.getfixturevalue("pg_url")
+    return "embedded", request.getfixturevalue("pg_without_pgvector")
 
 
 @dataclass
@@ -108,7 +129,7 @@ def search(backend_db: tuple[str, str], make_settings: Callable[..., Settings]) 
         session.begin()
         try:
             if backend == "embedded" and pgvector_column(session, fresh=True):
-                pytest.skip("the tests' Postgres has pgvector: the embedded-on-Postgres case needs one without")
+                pytest.skip("this Postgres database has pgvector: the embedded-on-Postgres case needs one without")
             index = open_index(settings, session)
             assert index.backend == backend
             yield SearchEnv(session, settings, index, backend, np.random.default_rng(7))

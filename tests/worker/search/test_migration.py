@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pgvector.sqlalchemy  # noqa: F401  (teaches SQLAlchemy's reflection the halfvec type)
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -22,7 +23,7 @@ from worker.search.vectors import encode
 
 @pytest.fixture
 def pgvector_fresh() -> Iterator[str]:
-    name = pgv.create_database("catalog_migrate", need_hnsw=True)
+    name = pgv.create_database("catalog_migrate", need_hnsw=True, extension=False)  # 0007 creates it
     yield pgv.url(name)
     pgv.drop_database(name)
 
