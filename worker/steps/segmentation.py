@@ -108,6 +108,15 @@ class Mask:
         x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, *map(float, self.size))
         src_h, src_w = self.prob.shape
         photo_w, photo_h = self.size
+        region = (x0 * src_w / photo_w, y0 * src_h / photo_h, x1 * src_w / photo_w, y1 * src_h / photo_h)
+        if width >= region[2] - region[0] and height >= region[3] - region[1]:
+            # Enlarging (the usual case: a 320 px mask over a larger photo): Pillow's bilinear
+            # on the float map samples the same pixel centres with the same edge clamping,
+            # ~6x faster than the two weight matrices below (within 1e-4).
+            out = np.asarray(Image.fromarray(self.prob, "F").resize(
+                (width, height), Image.Resampling.BILINEAR, box=region))
+            return np.clip(out, 0.0, 1.0).astype(np.float32)
+        # Shrinking: Pillow would average (antialias); this samples like F.interpolate.
         xs = (x0 + (np.arange(width) + 0.5) * (x1 - x0) / width) * (src_w / photo_w)
         ys = (y0 + (np.arange(height) + 0.5) * (y1 - y0) / height) * (src_h / photo_h)
         out = _bilinear_weights(src_h, ys) @ self.prob @ _bilinear_weights(src_w, xs).T
