@@ -73,7 +73,7 @@ def test_one_batch_mixes_fallbacks_and_errors_per_photo(photo: Image.Image) -> N
             _close_to_pillow(result, data)
     assert isinstance(results[2], ImageLoadError) and results[2].code == "truncated"
     assert isinstance(results[4], ImageLoadError) and results[4].code == "not_an_image"
-    assert results[1].format == "PNG"
+    assert isinstance(results[1], DecodedTensor) and results[1].format == "PNG"
 
 
 def test_pixel_limit_is_checked_before_decoding(photo: Image.Image) -> None:
