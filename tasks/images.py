@@ -28,5 +28,6 @@ def analyze_image(self: DatabaseTask, image_id: int, event_id: str | None = None
         log.info("image %s: %s; retrying in %ss", image_id, outcome.detail, countdown)
         # The fetch budget was checked above (retry_transient), so Celery's count must not stop it.
         raise self.retry(countdown=countdown, max_retries=self.request.retries + 1)
-    relay_now(settings)  # a listing this image finished is announced now, not at the next sweep
+    if outcome.decision is not None:  # this run finished the listing: announce it now, not at
+        relay_now(settings)           # the next sweep (other runs recorded no event to relay)
     return outcome.status
