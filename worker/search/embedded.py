@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db import models as m
@@ -49,10 +49,10 @@ from worker.config import Settings
 from worker.search.common import Hit, IndexFilters, IndexHealth, filter_conditions, passing, search_dir
 from worker.search.vectors import (
     KINDS,
+    StoredVectors,
     backfill_from_embeddings,
     decode,
     normalised,
-    write_vectors,
 )
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class _KindIndex:
                 self.unsaved += len(held)
 
 
-class EmbeddedIndex:
+class EmbeddedIndex(StoredVectors):
     """usearch indexes (one per kind) kept in memory per process, caught up from the
     database before every query (see the module doc). One instance per directory and
     ``ef_search`` per process: :meth:`for_settings`."""
@@ -275,18 +275,6 @@ class EmbeddedIndex:
         by the reconciliation anyway)."""
         with cls._guard:
             cls._instances.clear()
-
-    def upsert(self, session: Session, image_id: int, listing_id: int,
-               vectors: dict[str, tuple[np.ndarray, str]]) -> None:
-        session.execute(delete(m.SearchVector).where(m.SearchVector.image_id == image_id))
-        write_vectors(session, image_id=image_id, listing_id=listing_id,
-                      found={k: (normalised(v), ver) for k, (v, ver) in vectors.items()})
-
-    def delete_image(self, session: Session, image_id: int) -> None:
-        session.execute(delete(m.SearchVector).where(m.SearchVector.image_id == image_id))
-
-    def delete_listing(self, session: Session, listing_id: int) -> None:
-        session.execute(delete(m.SearchVector).where(m.SearchVector.listing_id == listing_id))
 
     def query(self, session: Session, vector: np.ndarray, k: int, filters: IndexFilters) -> list[Hit]:
         if filters.kind not in self.kinds:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Float, and_, bindparam, cast, delete, func, literal_column, select, text
+from sqlalchemy import Float, and_, bindparam, cast, func, literal_column, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.types import UserDefinedType
 
@@ -30,11 +30,11 @@ from worker.search.common import Hit, IndexFilters, IndexHealth, filter_conditio
 from worker.search.vectors import (
     KINDS,
     PGVECTOR_DIM,
+    StoredVectors,
     backfill_from_embeddings,
     halfvec_literal,
     normalised,
     pgvector_column,
-    write_vectors,
 )
 
 log = logging.getLogger(__name__)
@@ -82,23 +82,11 @@ def ensure_schema(session: Session) -> None:
     pgvector_column(session, fresh=True)
 
 
-class PgVectorIndex:
+class PgVectorIndex(StoredVectors):
     backend = "pgvector"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-
-    def upsert(self, session: Session, image_id: int, listing_id: int,
-               vectors: dict[str, tuple[np.ndarray, str]]) -> None:
-        session.execute(delete(m.SearchVector).where(m.SearchVector.image_id == image_id))
-        write_vectors(session, image_id=image_id, listing_id=listing_id,
-                      found={k: (normalised(v), ver) for k, (v, ver) in vectors.items()})
-
-    def delete_image(self, session: Session, image_id: int) -> None:
-        session.execute(delete(m.SearchVector).where(m.SearchVector.image_id == image_id))
-
-    def delete_listing(self, session: Session, listing_id: int) -> None:
-        session.execute(delete(m.SearchVector).where(m.SearchVector.listing_id == listing_id))
 
     def _tune(self, session: Session) -> None:
         session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"),

@@ -121,6 +121,23 @@ def remove_listing_vectors(session: Session, listing_id: int) -> int:
     return int(result.rowcount or 0)
 
 
+class StoredVectors:
+    """The write side both index backends share: the rows of ``search_vectors`` are the truth
+    (pgvector indexes their ``embedding`` column; the embedded index catches up from them)."""
+
+    def upsert(self, session: Session, image_id: int, listing_id: int,
+               vectors: dict[str, tuple[np.ndarray, str]]) -> None:
+        self.delete_image(session, image_id)
+        write_vectors(session, image_id=image_id, listing_id=listing_id,
+                      found={k: (normalised(v), ver) for k, (v, ver) in vectors.items()})
+
+    def delete_image(self, session: Session, image_id: int) -> None:
+        session.execute(delete(m.SearchVector).where(m.SearchVector.image_id == image_id))
+
+    def delete_listing(self, session: Session, listing_id: int) -> None:
+        remove_listing_vectors(session, listing_id)
+
+
 def backfill_from_embeddings(session: Session, progress: Any = None) -> int:
     """Give every analysed image of a live listing that has no search vectors yet its ``full``
     (and, as a copy, ``region``) vector from its stored tagging embedding: images analysed
