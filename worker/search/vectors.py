@@ -86,9 +86,10 @@ def vectors_from_runs(runs: Sequence[StepRun]) -> dict[str, tuple[np.ndarray, st
 
 def store_image_vectors(session: Session, settings: Settings, *, image_id: int, listing_id: int,
                         runs: Sequence[StepRun]) -> int:
-    """Replace the image's search vectors with those of ``runs``; returns how many were stored.
-    With ``CATALOG_SEARCH_BACKEND=off`` nothing is stored (the old rows are still removed)."""
-    session.execute(delete(m.SearchVector).where(m.SearchVector.image_id == image_id))
+    """Store the image's search vectors from ``runs``; returns how many were stored. The caller
+    removed the old ones (``search_vectors`` is one of the result tables the store transaction
+    clears before a re-analysis; a first analysis has none). With
+    ``CATALOG_SEARCH_BACKEND=off`` nothing is stored."""
     if settings.search_backend == "off":
         return 0
     return write_vectors(session, image_id=image_id, listing_id=listing_id, found=vectors_from_runs(runs))

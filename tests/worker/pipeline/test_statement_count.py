@@ -47,9 +47,8 @@ def test_first_analysis_statement_count(db_url: str, tmp_path: Path, make_settin
         assert analyze_all(db_url, settings, [first])[0].status == "done"
     kinds = [s.split(None, 1)[0] for s in statements]
     kinds = [k for k in kinds if k not in ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")]
-    # Nothing was ever stored for this image: no DELETE of old results (the one left is
-    # worker.search.vectors.store_image_vectors' own, which does not know it is a first run),
-    # one UPDATE of its row in the claim and one in the store.
+    # Nothing was ever stored for this image: no DELETE of old results (at most one of
+    # search_vectors is tolerated), one UPDATE of its row in the claim and one in the store.
     deletes = [s for s in statements if s.startswith("DELETE")]
     assert all(s.startswith("DELETE FROM SEARCH_VECTORS") for s in deletes) and len(deletes) <= 1, deletes
     assert kinds.count("UPDATE") <= 2, " ".join(kinds)
