@@ -16,14 +16,17 @@ hands what it computed to a ``ResultWriter`` (``worker.pipeline.writers``) throu
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from worker.config import Settings
+
+T = TypeVar("T")
 
 
 class StepUnavailable(Exception):
@@ -94,6 +97,42 @@ class ImageContext:
     sha256: str
     settings: Settings
     results: dict[str, StepResult] = field(default_factory=dict)
+    # Derived views of the photo shared between steps (see ``shared``); never stored.
+    _derived: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def shared(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()`` computed once per image and handed to every step that asks with the same
+        ``key`` (e.g. a grey copy, a reduced copy). The value is shared, so callers must not
+        modify it in place."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        value: T = self._derived[key]
+        return value
+
+    def reduced(self, max_side: int) -> tuple[Image.Image, tuple[float, float]]:
+        """The photo with its longer side at most ``max_side`` (RGB, aspect kept), and the
+        (x, y) scales applied; the photo itself when it already fits. Made once per size and
+        shared: from the smallest copy already made that is at least this large, with Pillow's
+        bilinear filter and ``reducing_gap=2`` (an integer box reduction first, then bilinear),
+        so asking for 1024, 640 and 320 px costs about one pass over the full photo.
+        Resampling from a reduced copy is not bit-identical to resampling the full photo:
+        steps whose stored outputs must not change by a grey level keep their own resize."""
+        width, height = self.image.size
+        if max(width, height) <= max_side:
+            return self.image, (1.0, 1.0)
+        scale = max_side / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+
+        def make() -> Image.Image:
+            made = [img for key, img in self._derived.items()
+                    if isinstance(key, tuple) and key[:1] == ("reduced",) and img.width >= size[0]
+                    and img.height >= size[1]]
+            source = min(made, key=lambda img: img.width, default=self.image)
+            rgb_source = source if source.mode == "RGB" else source.convert("RGB")
+            return rgb_source.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+        copy = self.shared(("reduced", size), make)
+        return copy, (size[0] / width, size[1] / height)
 
     @property
     def artifact_dir(self) -> Path:
