@@ -189,6 +189,7 @@ class PpOcr(VisionModel[list[OcrLine]]):
             det_model_path=str(det), cls_model_path=str(cls), rec_model_path=str(rec),
             det_use_cuda=cuda, cls_use_cuda=cuda, rec_use_cuda=cuda,
         )
+        use_table_normalise(engine.text_det)
         if on_torch:
             # rapidocr keeps its pre- and post-processing; its three graphs run on torch (the
             # CUDA path, CATALOG_ONNX_BACKEND): same graphs, same outputs within 1e-4.
@@ -203,8 +204,7 @@ class PpOcr(VisionModel[list[OcrLine]]):
     def prepare(self, image: Image.Image) -> Prepared:
         bounded, scale = fit_within(rgb(image), OCR_MAX_SIDE)
         padded = pad_to_aspect(bounded, OCR_MAX_ASPECT)
-        bgr = np.ascontiguousarray(np.asarray(padded)[:, :, ::-1])  # the engine expects BGR
-        return Prepared(bgr, {"scale": scale, "size": image.size})
+        return Prepared(to_bgr(padded), {"scale": scale, "size": image.size})
 
     def collate(self, tensors: list[Any]) -> Any:
         return list(tensors)
@@ -223,6 +223,68 @@ class PpOcr(VisionModel[list[OcrLine]]):
                 float(np.clip(xs.min(), 0, width)), float(np.clip(ys.min(), 0, height)),
                 float(np.clip(xs.max(), 0, width)), float(np.clip(ys.max(), 0, height)))))
         return lines
+
+
+def to_bgr(image: Image.Image) -> np.ndarray:
+    """An RGB image as the contiguous BGR array the engine expects: OpenCV's SIMD channel
+    swap (the same bytes as ``np.asarray(image)[:, :, ::-1]`` copied, ~30x faster)."""
+    import cv2  # rapidocr's own dependency; imported here so that importing this module stays light
+
+    return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
+
+
+def use_table_normalise(detector: Any) -> None:
+    """Make rapidocr's text detector normalise its input through a 256-entry table.
+
+    rapidocr's ``DetPreProcess.normalize`` computes ``(x * (1/255) - mean) / std`` over the
+    whole detector input in float64 (its mean and std are float64 arrays), then transposes
+    and copies to float32: ~20 ms per 1 MP photo, most of contact_info's non-model time. Every
+    output value depends only on the byte and the channel, so :class:`TableDetPreProcess`
+    looks the float32 results up (a table made by the very same expression), channel plane by
+    channel plane straight into the (1, C, H, W) input: the same bits, ~1.5 ms."""
+    from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
+
+    original = detector.get_preprocess
+
+    def get_preprocess(max_wh: int) -> Any:
+        made = original(max_wh)
+        return TableDetPreProcess.wrap(made) if isinstance(made, DetPreProcess) else made
+
+    detector.get_preprocess = get_preprocess
+
+
+class TableDetPreProcess:
+    """rapidocr's ``DetPreProcess`` (same resize, same output bits) with a table lookup for
+    the normalisation; see :func:`use_table_normalise`."""
+
+    def __init__(self, inner: Any, tables: np.ndarray) -> None:
+        self.inner = inner
+        self.tables = tables  # (C, 256) float32
+
+    @classmethod
+    def wrap(cls, inner: Any) -> Any:
+        mean, std = np.asarray(inner.mean), np.asarray(inner.std)
+        if mean.shape != std.shape or mean.ndim != 1:
+            return inner  # a layout the table does not cover: rapidocr's own code
+        values = np.arange(256, dtype=np.uint8).reshape(256, 1, 1).repeat(mean.shape[0], axis=2)
+        tables = np.asarray(inner.normalize(values), dtype=np.float32).reshape(256, -1).T  # its own arithmetic
+        return cls(inner, np.ascontiguousarray(tables))
+
+    def __call__(self, img: np.ndarray) -> np.ndarray | None:
+        import cv2
+
+        if img.ndim != 3 or img.shape[2] != self.tables.shape[0] or img.dtype != np.uint8:
+            return self.inner(img)
+        resized = self.inner.resize(img)
+        if resized is None:
+            return None
+        out = np.empty((1, resized.shape[2], resized.shape[0], resized.shape[1]), dtype=np.float32)
+        for channel, plane in enumerate(cv2.split(resized)):
+            target = out[0, channel]
+            written = cv2.LUT(plane, self.tables[channel], dst=target)
+            if not np.shares_memory(written, target):  # OpenCV allocated its own: copy it over
+                target[...] = written
+        return out
 
 
 class _TorchGraph:

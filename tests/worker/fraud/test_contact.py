@@ -88,3 +88,45 @@ def test_same_photo_without_text_has_no_flag() -> None:
 ])
 def test_detectors(line: str, expected: set[str]) -> None:
     assert {m.type for m in find_contacts(line)} == expected
+
+
+# --- overhead cuts (issue 14): what the engine is fed is bit-for-bit what it was ---------
+
+
+@pytest.mark.parametrize("size", [(512, 400), (1225, 816), (301, 1003), (40, 900)])
+def test_table_normalise_gives_rapidocr_s_own_bits(size: tuple[int, int]) -> None:
+    """The detector input made through the lookup table equals rapidocr's float64
+    normalisation, transposed and cast, for every byte value and several photo shapes."""
+    import numpy as np
+    from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
+
+    from worker.fraud.contact import TableDetPreProcess, to_bgr
+
+    rng = np.random.default_rng(sum(size))
+    photo = Image.fromarray(skimage.data.astronaut()).resize(size)
+    noisy = np.asarray(photo).copy()
+    noisy[:16, :16] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # every byte somewhere
+    bgr = to_bgr(Image.fromarray(noisy))
+    assert np.array_equal(bgr, np.ascontiguousarray(noisy[:, :, ::-1]))
+    for limit_type in ("min", "max"):
+        original = DetPreProcess(736, limit_type, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+        made = TableDetPreProcess.wrap(DetPreProcess(736, limit_type, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]))
+        expected, got = original(bgr), made(bgr)
+        assert got.dtype == expected.dtype == np.float32 and got.flags.c_contiguous
+        assert got.shape == expected.shape and np.array_equal(got, expected)
+    odd = DetPreProcess(736, "min", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # per-channel tables
+    all_bytes = (np.arange(256 * 3).reshape(16, 48, 1).repeat(3, axis=2) % 256).astype(np.uint8)
+    assert np.array_equal(TableDetPreProcess.wrap(odd)(bgr), odd(bgr))
+    assert np.array_equal(TableDetPreProcess.wrap(odd)(np.ascontiguousarray(all_bytes)), odd(all_bytes))
+
+
+def test_the_detector_is_given_the_table_preprocessing() -> None:
+    from rapidocr_onnxruntime.ch_ppocr_det.text_detect import TextDetector
+
+    from worker.fraud.contact import TableDetPreProcess, use_table_normalise
+
+    detector = TextDetector.__new__(TextDetector)  # its preprocessing only: no model file
+    detector.limit_type, detector.limit_side_len, detector.mean, detector.std = "min", 736, None, None
+    use_table_normalise(detector)
+    made = detector.get_preprocess(1000)
+    assert isinstance(made, TableDetPreProcess) and made.inner.limit_side_len == 736
