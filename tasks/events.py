@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from tasks.base import DatabaseTask
-from tasks.images import analyze_image
+from tasks.images import announce_images
 from worker.celery_app import HANDLE_EVENT_TASK, app
 from worker.intake.events import parse_event
 from worker.observe import metrics, report
@@ -21,8 +21,7 @@ def handle_event(self: DatabaseTask, event: dict[str, Any]) -> dict[str, Any]:
     parsed = parse_event(event)
     with self.open_session() as session, session.begin():
         outcome = apply_event(session, parsed)
-    for image_id in outcome.images_to_analyze:
-        analyze_image.delay(image_id, event_id=parsed.event_id)
+    announce_images(outcome.images_to_analyze, self.settings, event_id=parsed.event_id)
     report.event_applied(event_id=parsed.event_id, event_type=parsed.type, listing=parsed.listing.id,
                          seller=parsed.listing.seller_id, outcome=outcome.outcome,
                          images_queued=len(outcome.images_to_analyze), seconds=elapsed())

@@ -23,6 +23,8 @@ QUEUES = ("ingest", "gpu", "cpu", "train")
 #: Task names other layers publish by name (they never import tasks/).
 HANDLE_EVENT_TASK = "tasks.events.handle_event"
 ANALYZE_IMAGE_TASK = "tasks.images.analyze_image"
+#: Several images of one event in one message (CATALOG_IMAGES_PER_TASK); same queue and policy.
+ANALYZE_IMAGES_TASK = "tasks.images.analyze_images"
 REQUEUE_STALE_TASK = "tasks.maintenance.requeue_stale_images"
 RETRAIN_TASK = "tasks.training.retrain"
 #: Outbound events (worker/outbound): publish the outbox, POST one event to the webhook.

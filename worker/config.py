@@ -163,6 +163,12 @@ class Settings(BaseSettings):
     )
     fetch_retries: int = Field(2, ge=0, description="Retries of an image whose host timed out or was unreachable.")
     fetch_retry_delay: int = Field(10, ge=0, description="Seconds before the first such retry (doubles each time).")
+    images_per_task: int = Field(
+        8, ge=1, le=64,
+        description="Images of one listing event sent in one image task (one claim and one store "
+        "transaction for all of them, one message). 1: one task per image (a listing's images spread "
+        "over several worker processes: lower latency for a lone listing, more overhead per image).",
+    )
     stale_after: int = Field(
         900, ge=10,
         description="Images pending this long that no run holds (their message was lost) are re-queued "

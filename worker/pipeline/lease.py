@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -115,15 +116,17 @@ def release(session: Session, image_id: int, token: str) -> None:
     )
 
 
-def renew(engine: Engine, image_id: int, token: str, seconds: int) -> bool:
+def renew(engine: Engine, image_id: int | Sequence[int], token: str, seconds: int) -> bool:
     """Push the deadline ``seconds`` ahead if the lease is still ``token``'s and nobody has
-    declared its run dead. One single-row statement in its own transaction: it holds no other
-    lock, so it cannot take part in a deadlock (the one exception to "listing first")."""
+    declared its run dead. One statement in its own transaction: it holds no other lock, so it
+    cannot take part in a deadlock (the one exception to "listing first"). Several images (one
+    run analysing a batch under one token): True while the run still holds any of them."""
+    ids = [image_id] if isinstance(image_id, int) else sorted(image_id)
     with engine.begin() as conn:
         deadline = db_now(conn) + timedelta(seconds=seconds)
         done = conn.execute(
             update(m.Image)
-            .where(m.Image.id == image_id, m.Image.lease_owner == token,
+            .where(m.Image.id.in_(ids) if len(ids) > 1 else m.Image.id == ids[0], m.Image.lease_owner == token,
                    m.Image.lease_expires_at.is_not(None), m.Image.status == "pending")
             .values(lease_expires_at=deadline)
         )
@@ -139,14 +142,15 @@ class Heartbeat:
     the heartbeat stops; the store transaction then refuses the run's results.
     """
 
-    def __init__(self, engine: Engine, image_id: int, token: str, lease_seconds: int) -> None:
+    def __init__(self, engine: Engine, image_id: int | Sequence[int], token: str, lease_seconds: int) -> None:
         self.engine, self.image_id, self.token = engine, image_id, token
         self.lease_seconds = lease_seconds
         self.interval = lease_seconds / 4
         self.renewals = 0
         self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{image_id}", daemon=True)
+        first = image_id if isinstance(image_id, int) else min(image_id, default=0)
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{first}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -70,6 +70,14 @@ def lock_image(session: Session, image_id: int) -> m.Image | None:
     ).scalar_one_or_none()
 
 
+def lock_images(session: Session, listing_id: int, image_ids: list[int]) -> list[m.Image]:
+    """Lock several images of one listing (after the listing's row), in id order, read afresh."""
+    return list(session.execute(
+        select(m.Image).where(m.Image.id.in_(sorted(image_ids)), m.Image.listing_id == listing_id)
+        .order_by(m.Image.id).with_for_update().execution_options(populate_existing=True)
+    ).scalars())
+
+
 def end_pending_images(session: Session, listing_id: int, error: str) -> int:
     """Fail every pending image of a listing with ``error`` (the listing is locked); their
     queued messages then find nothing to do and running analyses drop their results."""
@@ -103,15 +111,24 @@ def has_stored_results(image: m.Image) -> bool:
     return image.processed_at is not None
 
 
-def store_runs(session: Session, image: m.Image, runs: list[StepRun]) -> None:
+Rows = dict[type[m.Base], list[dict[str, Any]]]
+
+
+def store_runs(session: Session, image: m.Image, runs: list[StepRun], rows: Rows | None = None) -> None:
     """Insert the generic rows of every step run (call after :func:`clear_results`).
 
     ``image.phash``/``dhash`` are set on the object, not flushed: run this under
-    ``session.no_autoflush`` and let :func:`finish_image` write the image row once."""
+    ``session.no_autoflush`` and let :func:`finish_image` write the image row once.
+    ``rows``: collect the rows there instead of inserting them (several images stored in one
+    transaction: :func:`insert_rows` then writes each table once for all of them)."""
     reviewed = set(session.execute(
         select(m.Flag.kind).where(m.Flag.image_id == image.id, m.Flag.status != "open")
     ).scalars()) if has_stored_results(image) else set()
-    rows: dict[type[m.Base], list[dict[str, Any]]] = {model: [] for model in (*RESULT_TABLES, m.Flag)}
+    collect = rows is not None
+    if rows is None:
+        rows = {}
+    for model in (*RESULT_TABLES, m.Flag):
+        rows.setdefault(model, [])
     for run in runs:
         result = run.result
         rows[m.StepRunRecord].append({
@@ -142,6 +159,12 @@ def store_runs(session: Session, image: m.Image, runs: list[StepRun]) -> None:
         if run.step == "metadata":
             image.phash = to_signed64(int(result.data["phash"], 16))
             image.dhash = to_signed64(int(result.data["dhash"], 16))
+    if not collect:
+        insert_rows(session, rows)
+
+
+def insert_rows(session: Session, rows: Rows) -> None:
+    """One bulk INSERT per table that has rows (in the order :func:`store_runs` fills them)."""
     for model, values in rows.items():
         if values:
             session.execute(insert(model), values)
@@ -149,10 +172,13 @@ def store_runs(session: Session, image: m.Image, runs: list[StepRun]) -> None:
 
 def finish_image(session: Session, image: m.Image, *, status: str, error: str | None,
                  settings: Settings, loaded: LoadedImage | None = None, complete: bool = False,
-                 listing: m.Listing | None = None) -> None:
+                 listing: m.Listing | None = None, finish_listing: bool = True) -> None:
     """Finish the image (``done`` or ``failed``), release its lease and finish the listing if
     this was its last pending image. ``complete``: every configured step ran ok. ``listing``:
-    the image's listing, when this transaction already locked it (saves locking it again)."""
+    the image's listing, when this transaction already locked it (saves locking it again).
+    ``finish_listing=False``: the caller finishes several images of the listing in this
+    transaction and calls :func:`finish_listing_if_complete` once after the last one (the
+    image row is then written by that flush, together with the others)."""
     image.status = status
     image.error = error
     image.complete = complete and status == "done"
@@ -164,8 +190,9 @@ def finish_image(session: Session, image: m.Image, *, status: str, error: str | 
         image.width, image.height = loaded.width, loaded.height
         image.format = loaded.format
         image.size_bytes = loaded.size_bytes
-    session.flush()
-    finish_listing_if_complete(session, image.listing_id, settings, listing=listing)
+    if finish_listing:
+        session.flush()
+        finish_listing_if_complete(session, image.listing_id, settings, listing=listing)
 
 
 def finish_listing_if_complete(session: Session, listing_id: int, settings: Settings,
