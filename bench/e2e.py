@@ -273,3 +273,43 @@ def memory_part(ctx: Any) -> dict[str, Any]:
                 f"{rss['1000']:.0f}", "unit": "MiB", "note": "metadata-only steps, 1 pool process"},
                {"name": "worker RSS growth over 1,000 listings", "value": growth, "unit": "%", "target": "< 10"}]
     return {"figures": figures, "details": {"rss_mb": rss, "listings": total, "steps": ["metadata"]}}
+
+
+# --------------------------------------------------------------------------- alone
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.e2e``: one metadata-only (or ``--steps``) burst, printed as JSON.
+
+    ``--profile DIR`` writes a cProfile of every pool process (``DIR/<pid>.prof``, cumulative
+    since the process started, rewritten every 25 tasks and at shutdown) to show where the
+    worker's CPU goes per image."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=main.__doc__)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--per-listing", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--steps", default="metadata")
+    parser.add_argument("--megapixels", type=float, default=1.0)
+    parser.add_argument("--profile", type=Path, metavar="DIR")
+    parser.add_argument("--repeat", type=int, default=1, help="bursts in the same cluster (each reported)")
+    args = parser.parse_args(argv)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ["BENCH_PROFILE_DIR"] = str(args.profile.resolve())
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-photos-") as tmp:
+        photos = common.write_photos(Path(tmp) / "photos", 64, args.megapixels)
+        steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+        with cluster(photos, steps, args.processes) as c:
+            for _ in range(args.repeat):
+                res = burst(c, args.images, args.per_listing)
+                res.update(processes=args.processes, steps=steps, load1=common.load1(),
+                           per_process_images_per_s=round(res["images_per_s"] / args.processes, 2),
+                           photos=common.photo_sizes(photos))
+                print(json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
