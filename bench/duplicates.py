@@ -4,6 +4,12 @@
     python -m bench.duplicates --skip-latency      # accuracy only
     python -m bench.duplicates --no-embedding      # hashes only (no EfficientNet re-check)
     python -m bench.duplicates --sizes 10000,100000
+    python -m bench.duplicates --skip-latency --stored-tree /tmp/before   # hashes of another version
+
+``--stored-tree`` registers the originals and distractors with the hashes that another checkout
+(e.g. a ``git worktree`` of the commit before a change of the hash values) computes, and
+queries with this tree's: how an index built by the older version matches photos analysed by
+the newer one, before the older images are analysed again.
 
 Accuracy: originals are registered under seller A, distractors under other sellers, then a
 transformed copy of every original is submitted under seller B (must be flagged, matching
@@ -20,9 +26,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -39,7 +47,7 @@ from bench.dupdata import TRANSFORMS, load_pool
 from db import models as m
 from worker.config import load_settings
 from worker.fraud.duplicates import BANDS, DuplicatesStep
-from worker.fraud.fingerprint import fingerprint
+from worker.fraud.fingerprint import HashValue, fingerprint
 from worker.pipeline.contract import ImageContext, StepResult
 from worker.pipeline.duplicates import DuplicateIndex, DuplicatesWriter
 from worker.pipeline.writers import WriteContext
@@ -95,9 +103,10 @@ class Catalog:
             ctx.results["tagging"] = StepResult(embedding=embedding)
         return ctx
 
-    def register(self, seller: str, img: Image.Image, embedding: np.ndarray | None) -> int:
+    def register(self, seller: str, img: Image.Image, embedding: np.ndarray | None,
+                 hashes: list[HashValue] | None = None) -> int:
         listing, row, raw = self._rows(seller, img)
-        DuplicateIndex.store(self.s, row.id, fingerprint(img))
+        DuplicateIndex.store(self.s, row.id, fingerprint(img) if hashes is None else hashes)
         if embedding is not None:
             self.s.add(m.Embedding(image_id=row.id, model_version="bench", dim=embedding.size,
                                    vector=embedding.astype("<f4").tobytes()))
@@ -119,11 +128,39 @@ class Catalog:
         return result, elapsed
 
 
-def accuracy(url: str, use_embedding: bool) -> dict:
+_STORED_HASHES = """
+import io, json, sys
+from PIL import Image
+from worker.fraud.fingerprint import fingerprint
+out = []
+for raw in json.load(sys.stdin):
+    img = Image.open(io.BytesIO(bytes.fromhex(raw))).convert("RGB")
+    out.append([[h.kind, h.view, h.mirrored, h.value] for h in fingerprint(img)])
+json.dump(out, sys.stdout)
+"""
+
+
+def hashes_of_tree(tree: str, images: list[Image.Image]) -> list[list[HashValue]]:
+    """The stored fingerprints of ``images`` as the checkout at ``tree`` computes them."""
+    payload = []
+    for img in images:
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        payload.append(buf.getvalue().hex())
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+    done = subprocess.run([sys.executable, "-c", _STORED_HASHES], input=json.dumps(payload), env=env,
+                          capture_output=True, text=True, check=True, cwd=os.path.abspath(tree))
+    return [[HashValue(k, v, bool(mm), int(x)) for k, v, mm, x in rows] for rows in json.loads(done.stdout)]
+
+
+def accuracy(url: str, use_embedding: bool, stored_tree: str | None = None) -> dict:
     settings = load_settings()
     pool = load_pool()
     random.Random(5).shuffle(pool)
     originals, distractors, negatives = pool[:40], pool[40:52], pool[52:]
+    stored: list[list[HashValue] | None] = [None] * (len(originals) + len(distractors))
+    if stored_tree is not None:
+        stored = list(hashes_of_tree(stored_tree, [img for _, img in originals + distractors]))
     embed: Callable[[Image.Image], np.ndarray] | None = None
     embed_many: Callable[[list[Image.Image]], list[np.ndarray]] | None = None
     if use_embedding:
@@ -146,10 +183,10 @@ def accuracy(url: str, use_embedding: bool) -> dict:
     with Session(engine) as s:
         cat = Catalog(s, settings)
         orig_ids = {}
-        for name, img in originals:
-            orig_ids[name] = cat.register("seller-A", img, embed(img) if embed is not None else None)
-        for i, (_name, img) in enumerate(distractors):
-            cat.register(f"seller-C{i}", img, embed(img) if embed is not None else None)
+        for (name, img), hashes in zip(originals, stored, strict=False):
+            orig_ids[name] = cat.register("seller-A", img, embed(img) if embed is not None else None, hashes)
+        for i, ((_name, img), hashes) in enumerate(zip(distractors, stored[len(originals):], strict=True)):
+            cat.register(f"seller-C{i}", img, embed(img) if embed is not None else None, hashes)
         s.commit()
         for tname, tf in TRANSFORMS.items():
             r = results[tname]
@@ -289,6 +326,8 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--no-embedding", action="store_true", help="skip the run with embedding re-check")
     parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--stored-tree", default=None, metavar="PATH",
+                        help="register the originals and distractors with the hashes of the checkout at PATH")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     name = f"fraud_bench_{os.getpid()}"
@@ -296,11 +335,13 @@ def main() -> None:
     started = time.perf_counter()
     try:
         if not args.skip_accuracy:
-            print_accuracy(accuracy(url, use_embedding=False), "Hashes only (no embedding)")
+            print_accuracy(accuracy(url, use_embedding=False, stored_tree=args.stored_tree),
+                           "Hashes only (no embedding)")
             if not args.no_embedding:
                 with create_engine(url).begin() as conn:
                     m.Base.metadata.drop_all(conn)
-                print_accuracy(accuracy(url, use_embedding=True), "Hashes + EfficientNet-Lite0 cosine re-check")
+                print_accuracy(accuracy(url, use_embedding=True, stored_tree=args.stored_tree),
+                               "Hashes + EfficientNet-Lite0 cosine re-check")
         if not args.skip_latency:
             latency(url, [int(x) for x in args.sizes.split(",")])
     finally:
