@@ -110,8 +110,8 @@ def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
     listing.seller_id = event.listing.seller_id
     listing.title = event.listing.title
     listing.category = event.listing.category
-    to_analyze = _sync_images(session, listing, event.listing.images)
-    if to_analyze:
+    images = _sync_images(session, listing, event.listing.images)
+    if images:
         listing.status = "processing"
         listing.processed_at = None
     else:
@@ -119,20 +119,22 @@ def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
         listing.processed_at = m.utcnow()
         # Nothing to analyse: finished right here (listing.processed, in this transaction).
         record_listing_event(session, listing, get_settings(), "processed")
-    session.flush()
-    return EventOutcome(event.event_id, "applied", listing.id, to_analyze)
+    session.flush()  # one flush: the listing row once, the new image rows as one multi-row INSERT
+    return EventOutcome(event.event_id, "applied", listing.id, [img.id for img in images])
 
 
-def _sync_images(session: Session, listing: m.Listing, refs: list[str]) -> list[int]:
-    """Make the listing's image rows match ``refs``. New URLs get new rows; URLs that stayed
-    are re-checked (the task skips the models when the bytes are unchanged); removed URLs
-    lose their rows and results."""
+def _sync_images(session: Session, listing: m.Listing, refs: list[str]) -> list[m.Image]:
+    """Make the listing's image rows match ``refs`` (not flushed: the caller flushes once).
+    New URLs get new rows; URLs that stayed are re-checked (the task skips the models when the
+    bytes are unchanged); removed URLs lose their rows and results. Returns the images to
+    analyse, in the order of ``refs``: every one of them."""
     wanted: list[str] = list(dict.fromkeys(refs))  # de-duplicate, keep order
-    existing = {img.url: img for img in listing.images}
+    with session.no_autoflush:  # the listing row is written once, by the caller's flush
+        existing = {img.url: img for img in listing.images}
     for url, old in existing.items():
         if url not in wanted:
             session.delete(old)
-    ids = []
+    images = []
     for position, url in enumerate(wanted):
         img = existing.get(url)
         if img is None:
@@ -148,9 +150,8 @@ def _sync_images(session: Session, listing: m.Listing, refs: list[str]) -> list[
             img.complete = None
             img.lease_owner = None
             img.lease_expires_at = None
-        session.flush()
-        ids.append(img.id)
-    return ids
+        images.append(img)
+    return images
 
 
 def _redelivered(session: Session, event: ListingEvent) -> EventOutcome:

@@ -82,3 +82,24 @@ def test_reanalysis_still_replaces_the_previous_results(db_url: str, tmp_path: P
         run = session.execute(select(m.StepRunRecord).where(m.StepRunRecord.image_id == image_id)).scalar_one()
         assert run.output["width"] == 80
         assert session.get_one(m.Image, image_id).phash != old_hash
+
+
+#: Statements of applying a listing.created event with four new images (BEGIN/COMMIT not counted):
+#: Postgres inserts the images in one statement (RETURNING their ids in order), SQLite one by one.
+NEW_LISTING_EVENT_MAX = {"postgresql": 6, "sqlite": 9}
+
+
+def test_new_listing_event_statement_count(db_url: str, tmp_path: Path) -> None:
+    refs = [photo(tmp_path / f"{name}.png", (40 * i, 90, 9)) for i, name in enumerate("abcd")]
+    with counted(db_url) as statements:
+        out = apply(db_url, event(unique("L"), refs))
+    kinds = [s.split(None, 1)[0] for s in statements]
+    kinds = [k for k in kinds if k not in ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")]
+    assert kinds.count("UPDATE") <= 1, " ".join(kinds)  # the listing row is written once
+    assert len(kinds) <= NEW_LISTING_EVENT_MAX[get_engine(db_url).dialect.name], " ".join(kinds)
+    # The ids come back in the order of the event's images (one multi-row INSERT).
+    with session_factory(db_url)() as session:
+        rows = session.execute(select(m.Image.id, m.Image.url, m.Image.position)
+                               .where(m.Image.listing_id == out.listing_id)).all()
+    by_id = {row.id: (row.url, row.position) for row in rows}
+    assert [by_id[i] for i in out.images_to_analyze] == [(ref, n) for n, ref in enumerate(refs)]
