@@ -6,6 +6,7 @@ onnxruntime sessions: :mod:`worker.models.backends`; both re-exported here.)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from worker.models.backends import onnx_session
 from worker.models.weights import ModelUnavailable, file_digest, package_file
 
 __all__ = ["file_digest", "fit_within", "letterbox", "onnx_session", "package_file", "pad_to_aspect",
-           "rgb", "to_tensor", "torchvision_checkpoint"]
+           "resample_uint8", "rgb", "tensor_image", "to_tensor", "to_uint8_tensor", "torchvision_checkpoint"]
 
 
 def rgb(image: Image.Image) -> Image.Image:
@@ -52,6 +53,46 @@ def pad_to_aspect(image: Image.Image, max_aspect: float, fill: int = 127) -> Ima
     canvas = Image.new("RGB", size, (fill, fill, fill))
     canvas.paste(rgb(image), (0, 0))
     return canvas
+
+
+def resample_uint8(image: Image.Image, size: tuple[int, int], mode: str = "bilinear",
+                   box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``image`` (or its integer ``box``) resampled to ``size`` (width, height): a (3, H, W)
+    uint8 tensor, RGB.
+
+    The same antialiased filters as Pillow's ``Image.resize`` with ``BILINEAR`` / ``BICUBIC``
+    (``mode``), computed by torch's uint8 kernels (a port of Pillow-SIMD's) when both sides
+    shrink: within one grey level of Pillow's pixels (the last bit of the fixed-point rounding
+    differs on a fraction of them), 3-4x less CPU per photo. A photo enlarged on either side
+    (smaller than the model input) takes Pillow's own resize. Runs on torch's intra-op
+    threads (``CATALOG_TORCH_THREADS``)."""
+    width, height = (box[2] - box[0], box[3] - box[1]) if box is not None else image.size
+    if size[0] > width or size[1] > height:  # enlarging: torch's kernels drift from Pillow's there
+        resample = Image.Resampling.BICUBIC if mode == "bicubic" else Image.Resampling.BILINEAR
+        return to_uint8_tensor(rgb(image).resize(size, resample, box=box))
+    pixels = np.asarray(rgb(image))
+    with warnings.catch_warnings():
+        # Pillow hands out read-only arrays; torch warns about those, and nothing writes here.
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(pixels)
+    if box is not None:
+        source = source[box[1]:box[3], box[0]:box[2]]
+    batch = source.permute(2, 0, 1).unsqueeze(0)  # channels-last strides: torch's fast uint8 path
+    if (batch.shape[3], batch.shape[2]) == tuple(size):
+        return batch[0].contiguous()
+    out = torch.nn.functional.interpolate(batch, size=(size[1], size[0]), mode=mode, antialias=True,
+                                          align_corners=False)
+    return out[0]
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a (3, H, W) uint8 tensor (a copy)."""
+    return torch.from_numpy(np.array(rgb(image), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def tensor_image(tensor: torch.Tensor) -> Image.Image:
+    """A (3, H, W) uint8 tensor as an RGB Pillow image."""
+    return Image.fromarray(tensor.permute(1, 2, 0).contiguous().numpy(), "RGB")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

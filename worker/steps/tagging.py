@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from worker.config import Settings
-from worker.models.common import file_digest, package_file, rgb, to_tensor
+from worker.models.common import file_digest, package_file, resample_uint8, rgb, to_tensor
 from worker.models.runtime import (
     ModelUnavailable,
     Prepared,
@@ -44,6 +44,9 @@ from worker.pipeline.contract import ImageContext, StepResult, StepUnavailable, 
 DEFAULT_TAXONOMY = Path(__file__).resolve().parents[1] / "data" / "taxonomy.yaml"
 INPUT_SIZE = 224
 RESIZE_SIZE = 256  # resize the short side, then centre-crop INPUT_SIZE (the usual eval crop)
+# Up to this many pixels the short-side resize is made whole (aspect ratios up to 4:1);
+# beyond, only the crop's box is resampled (a 1 x 20000 strip would resize to 3.9 GB).
+_RESIZED_PIXELS = 4 * RESIZE_SIZE * RESIZE_SIZE
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,9 +113,21 @@ class EfficientNetLite0(VisionModel[Tagging]):
         return _LiteWithFeatures(net)
 
     def prepare(self, image: Image.Image) -> Prepared:
-        box = eval_crop_box(*image.size)
-        crop = rgb(image).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC, box=box)
-        return Prepared(to_tensor(crop) / 127.5 - 1.0, {})
+        width, height = image.size
+        scale = RESIZE_SIZE / min(width, height)
+        new_w, new_h = max(INPUT_SIZE, round(width * scale)), max(INPUT_SIZE, round(height * scale))
+        if new_w <= width and new_h <= height and new_w * new_h <= _RESIZED_PIXELS:
+            # The eval transform itself (resize the short side, centre-crop), with Pillow's
+            # antialiased bicubic computed by torch's uint8 kernels: the same sample positions as
+            # the box below, within a grey level of Pillow's pixels, ~1 ms instead of ~4 ms.
+            resized = resample_uint8(image, (new_w, new_h), "bicubic")
+            left, top = (new_w - INPUT_SIZE) // 2, (new_h - INPUT_SIZE) // 2
+            crop = resized[:, top:top + INPUT_SIZE, left:left + INPUT_SIZE]
+            return Prepared(crop.float() / 127.5 - 1.0, {})
+        # enlarging, or a strip whose resized copy would be large: resample only the crop's box
+        box = eval_crop_box(width, height)
+        resized_box = rgb(image).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC, box=box)
+        return Prepared(to_tensor(resized_box) / 127.5 - 1.0, {})
 
     def postprocess(self, output: Any, meta: dict[str, Any]) -> Tagging:
         logits, pooled = output

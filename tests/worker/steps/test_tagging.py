@@ -146,3 +146,29 @@ def test_trained_category_head_replaces_the_map(tmp_path: Path, model: Efficient
     assert result.data["category"]["source"] == "category-head"
     assert {t.source for t in result.tags} == {"imagenet", "category-head"}
     assert step.version(settings).startswith("efficientnet-lite0-imagenet@57934424+category-head@")
+
+
+def test_torch_resampled_input_gives_the_labels_of_pillow_s(model: EfficientNetLite0) -> None:
+    """Issue 14: the eval crop of photos larger than the input is made by torch's uint8
+    antialiased bicubic instead of Pillow's. Pinned against the input as it was made before
+    (Pillow, the crop's box): the same top label and the same top-5 set (two near-tied labels
+    may swap places), probabilities within 5e-3, embeddings at cosine >= 0.9999."""
+    from worker.models.common import rgb
+    from worker.models.runtime import Prepared
+    from worker.steps.tagging import INPUT_SIZE, eval_crop_box
+
+    def pillow_prepare(image: Image.Image) -> Prepared:
+        box = eval_crop_box(*image.size)
+        crop = rgb(image).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC, box=box)
+        return Prepared(torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0, {})
+
+    for name in ("coffee", "chelsea", "astronaut", "rocket", "hubble_deep_field"):
+        base = Image.fromarray(getattr(data, name)()).convert("RGB")
+        for size in (base.size, (1225, 816), (816, 1225), (1500, 1000)):
+            image = base.resize(size, Image.Resampling.BICUBIC)
+            before, after = (model.postprocess(model.forward_batch([item])[0], {})
+                             for item in (pillow_prepare(image), model.prepare(image)))
+            top_before, top_after = ([n for n, _ in r.top_labels(5)] for r in (before, after))
+            assert top_before[0] == top_after[0] and set(top_before) == set(top_after), (name, size)
+            assert float((before.probs - after.probs).abs().max()) < 5e-3, (name, size)
+            assert float(before.embedding @ after.embedding) >= 0.9999, (name, size)
