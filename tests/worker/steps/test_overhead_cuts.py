@@ -123,7 +123,11 @@ def test_error_level_analysis_is_that_of_before() -> None:
         assert result["ratio"] == round(top / max(median, 0.25), 3)
 
 
-def test_cutout_png_keeps_every_pixel(tmp_path: Path) -> None:
+def test_cutout_png_keeps_every_visible_pixel(tmp_path: Path) -> None:
+    """Alpha and every visible pixel (alpha > 0) as in the photo; fully transparent pixels
+    are stored as (0, 0, 0, 0) since the cutout's own encoder (the photo's colours were
+    stored under them before). tests/worker/steps/test_segmentation_overhead.py compares
+    whole cutouts with the Pillow-encoded ones."""
     photo = _photos()[0]
     prob = np.zeros((64, 64), dtype=np.float32)
     prob[16:48, 8:56] = 1.0
@@ -132,8 +136,14 @@ def test_cutout_png_keeps_every_pixel(tmp_path: Path) -> None:
     artifact = write_cutout(photo, mask, box, tmp_path / "cut.png")
     stored = np.asarray(Image.open(artifact.path))
     expected = np.asarray(photo.crop(box))
+    x0, y0, x1, y1 = box
+    alpha = np.round(mask.resized(x1 - x0, y1 - y0, (float(x0), float(y0), float(x1), float(y1))) * 255)
+    visible = alpha > 0
     assert stored.shape == (240, 250, 4)
-    assert np.array_equal(stored[..., :3], expected)
+    assert 0 < visible.mean() < 1
+    assert np.array_equal(stored[..., 3], alpha.astype(np.uint8))
+    assert np.array_equal(stored[..., :3][visible], expected[visible])
+    assert not stored[~visible].any()
 
 
 def test_thumbnail_is_within_two_grey_levels_of_the_lanczos_one(tmp_path: Path) -> None:

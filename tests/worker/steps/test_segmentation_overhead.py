@@ -1,0 +1,208 @@
+"""The segmentation step's own CPU work (issue 14's overhead cuts), each part against the
+computation it replaced, written out here as it was, on real photos:
+
+* the main-object box (scipy labelling of the foreground's bounding rectangle) equals
+  skimage's ``label``/``regionprops`` box exactly;
+* k-means in numpy gives the colours of the torch version (same names, shares within 0.002:
+  only the floating-point summation order differs);
+* the analysis copy, point-sampled (nearest) instead of bilinear at the same size, gives the
+  same box (exactly), the same colour names (shares within 0.03) and the same background
+  colour (score within 0.03, as for the sample in test_colours_sample.py);
+* the cutout PNG (own encoder, fixed "Up" filter, transparent pixels stored as 0,0,0,0)
+  decodes to the same alpha and the same visible pixels as the Pillow-encoded one.
+
+No timing is asserted; the figures are in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image, ImageDraw
+
+from worker.models.common import fit_within
+from worker.steps import colours
+from worker.steps.segmentation import (
+    ANALYSIS_MAX_SIDE,
+    Mask,
+    analyse_mask,
+    analysis_copy,
+    encode_png,
+    main_object_box,
+    write_cutout,
+)
+
+PHOTOS = ("coffee", "astronaut", "chelsea", "rocket", "immunohistochemistry", "retina")
+MIN_SHARE = 0.08  # CATALOG_COLOUR_MIN_SHARE's default
+CLUSTERS = 4  # CATALOG_COLOUR_CLUSTERS' default
+
+
+def _photo(name: str, megapixels: float = 1.2) -> Image.Image:
+    img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    scale = (megapixels * 1e6 / (img.width * img.height)) ** 0.5
+    return img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+
+
+def _soft_mask(size: tuple[int, int], seed: int) -> Mask:
+    """A 320 x 320 product probability over a photo of ``size``: a large ellipse, a smaller
+    second part, speckles and soft edges, like U²-Netp's output on a product photo."""
+    rng = np.random.default_rng(seed)
+    canvas = Image.new("L", (320, 320), 0)
+    draw = ImageDraw.Draw(canvas)
+    x0, y0 = (int(v) for v in rng.integers(20, 90, 2))
+    draw.ellipse((x0, y0, x0 + int(rng.integers(120, 200)), y0 + int(rng.integers(120, 200))), fill=255)
+    draw.rectangle((250, 240, 250 + int(rng.integers(10, 40)), 300), fill=230)
+    prob = np.asarray(canvas, dtype=np.float32) / 255.0
+    prob = np.asarray(Image.fromarray(prob, "F").resize((64, 64), Image.Resampling.BILINEAR)
+                      .resize((320, 320), Image.Resampling.BICUBIC)).clip(0, 1)
+    prob = np.where(rng.random(prob.shape) < 0.002, 0.9, prob).astype(np.float32)  # speckles
+    return Mask(prob, size)
+
+
+# --- the computations as they were before the cuts ------------------------------------
+
+
+def _old_box(binary: np.ndarray, min_fraction: float = 0.05) -> tuple[int, int, int, int] | None:
+    from skimage.measure import label, regionprops
+
+    regions = regionprops(label(binary, connectivity=2))
+    if not regions:
+        return None
+    largest = max(region.area for region in regions)
+    kept = [region.bbox for region in regions if region.area >= min_fraction * largest]
+    return (min(b[1] for b in kept), min(b[0] for b in kept), max(b[3] for b in kept), max(b[2] for b in kept))
+
+
+def _old_kmeans(points: torch.Tensor, k: int, iterations: int = 25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    k = min(k, len(points))
+    centres = points[torch.randint(len(points), (1,), generator=generator)]
+    for _ in range(1, k):
+        dist = torch.cdist(points, centres).min(1).values.pow(2)
+        if float(dist.sum()) == 0.0:
+            break
+        pick = torch.multinomial(dist / dist.sum(), 1, generator=generator)
+        centres = torch.cat([centres, points[pick]])
+    assign = torch.zeros(len(points), dtype=torch.long)
+    for _ in range(iterations):
+        assign = torch.cdist(points, centres).argmin(1)
+        counts = torch.bincount(assign, minlength=len(centres)).to(points.dtype)[:, None]
+        sums = torch.zeros_like(centres).index_add_(0, assign, points)
+        moved = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+        if torch.allclose(moved, centres, atol=1e-3):
+            centres = moved
+            break
+        centres = moved
+    return centres, assign
+
+
+def _old_cutout(image: Image.Image, mask: Mask, box: tuple[int, int, int, int]) -> np.ndarray:
+    cut = image.convert("RGB").crop(box)
+    x0, y0, x1, y1 = box
+    alpha = mask.resized(cut.width, cut.height, (float(x0), float(y0), float(x1), float(y1)))
+    cut.putalpha(Image.fromarray(np.round(alpha * 255).astype(np.uint8)))
+    buf = io.BytesIO()
+    cut.save(buf, format="PNG", compress_level=1)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+
+
+def _named(colour_list: list[dict[str, object]]) -> dict[str, float]:
+    return {str(c["name"]): float(c["share"]) for c in colour_list}  # type: ignore[arg-type]
+
+
+# --- tests ------------------------------------------------------------------------------
+
+
+def test_main_object_box_is_the_regionprops_box() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(600):
+        height, width = (int(v) for v in rng.integers(1, 48, 2))
+        binary = rng.random((height, width)) < rng.random() ** 2
+        if rng.random() < 0.5:  # a few blocks (parts of a product) and speckles
+            binary[:] = False
+            for _ in range(int(rng.integers(0, 4))):
+                y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
+                binary[y:y + int(rng.integers(1, 20)), x:x + int(rng.integers(1, 20))] = True
+            binary |= rng.random((height, width)) < 0.01
+        assert main_object_box(binary) == _old_box(binary)
+    for name in ("coffee", "astronaut"):
+        photo = _photo(name)
+        mask = _soft_mask(photo.size, 1).resized(*fit_within(photo, ANALYSIS_MAX_SIDE)[0].size)
+        assert main_object_box(mask >= 0.5) == _old_box(mask >= 0.5)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_kmeans_colours_are_those_of_the_torch_version(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pixels = np.asarray(_photo(name, 0.3)).reshape(-1, 3)
+    for part in (pixels[: len(pixels) // 2], pixels[len(pixels) // 2:]):
+        for k in (2, CLUSTERS):
+            new = _named(colours.dominant_colours(part, k))
+            with monkeypatch.context() as patch:
+                patch.setattr(colours, "kmeans", _old_kmeans)
+                old = _named(colours.dominant_colours(part, k))
+            assert set(new) == set(old), (old, new)
+            assert all(abs(new[c] - old[c]) <= 0.002 for c in old), (old, new)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_point_sampled_analysis_copy_measures_what_the_bilinear_one_did(name: str) -> None:
+    photo = _photo(name)
+    mask = _soft_mask(photo.size, PHOTOS.index(name))
+    old_work, old_scale = fit_within(photo, ANALYSIS_MAX_SIDE)  # the copy before: bilinear
+    work, scale = analysis_copy(photo)
+    assert work.size == old_work.size and scale == old_scale
+    old = analyse_mask(old_work, mask.resized(*old_work.size), CLUSTERS)
+    new = analyse_mask(work, mask.resized(*work.size), CLUSTERS)
+    assert new.box == old.box and new.foreground_share == old.foreground_share
+    old_colours, new_colours = _named(old.colours), _named(new.colours)
+    above = {c for c, s in old_colours.items() if s >= MIN_SHARE}
+    assert above == {c for c, s in new_colours.items() if s >= MIN_SHARE}, (old_colours, new_colours)
+    assert all(abs(new_colours[c] - old_colours[c]) <= 0.03 for c in above), (old_colours, new_colours)
+    assert new.background["colour"] == old.background["colour"]
+    assert abs(new.background["score"] - old.background["score"]) <= 0.03
+
+
+def test_cutout_keeps_alpha_and_every_visible_pixel(tmp_path: Path) -> None:
+    for index, name in enumerate(("coffee", "astronaut", "chelsea")):
+        photo = _photo(name)
+        mask = _soft_mask(photo.size, index)
+        work, scale = analysis_copy(photo)
+        box = main_object_box(mask.resized(*work.size) >= 0.5)
+        assert box is not None
+        photo_box = (int(box[0] / scale[0]), int(box[1] / scale[1]),
+                     min(photo.width, int(box[2] / scale[0]) + 1), min(photo.height, int(box[3] / scale[1]) + 1))
+        artifact = write_cutout(photo, mask, photo_box, tmp_path / f"{name}.png")
+        stored = Image.open(artifact.path)
+        assert stored.format == "PNG" and stored.mode == "RGBA"
+        assert stored.size == (artifact.width, artifact.height) == (photo_box[2] - photo_box[0],
+                                                                    photo_box[3] - photo_box[1])
+        new = np.asarray(stored)
+        old = _old_cutout(photo, mask, photo_box)
+        visible = old[..., 3] > 0
+        assert 0 < visible.mean() < 1  # the test has both kinds of pixels
+        assert np.array_equal(new[..., 3], old[..., 3])
+        assert np.array_equal(new[visible], old[visible])
+        assert not new[~visible].any()  # fully transparent pixels are (0, 0, 0, 0)
+
+
+def test_png_encoder_round_trips_any_rgba() -> None:
+    rng = np.random.default_rng(3)
+    for height, width in ((1, 1), (1, 7), (5, 1), (37, 53)):
+        pixels = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+        data = encode_png(pixels)
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        decoded = Image.open(io.BytesIO(data))
+        decoded.load()  # checks the chunks' CRCs
+        assert decoded.mode == "RGBA" and np.array_equal(np.asarray(decoded), pixels)
+        # The deflate stream on its own decodes to the filtered rows (filter byte 2 = Up).
+        idat_length = int.from_bytes(data[33:37], "big")
+        raw = zlib.decompress(data[41:41 + idat_length])
+        assert len(raw) == height * (1 + width * 4) and raw[:: 1 + width * 4] == b"\x02" * height
+    with pytest.raises(ValueError, match="RGBA"):
+        encode_png(np.zeros((4, 4, 3), dtype=np.uint8))
