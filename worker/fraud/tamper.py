@@ -19,11 +19,10 @@ import re
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageChops
 
 from worker.config import Settings
 from worker.fraud.jpeg import estimate_quality
-from worker.models.common import fit_within
 from worker.pipeline.contract import Flag, ImageContext, StepResult
 
 EDITORS = re.compile(
@@ -48,21 +47,38 @@ def editor_software(raw: bytes) -> str | None:
     return None
 
 
-def error_level(image: Image.Image) -> dict[str, Any]:
+def ela_copy(image: Image.Image) -> Image.Image:
+    """The photo shrunk to at most ``ELA_MAX_SIDE`` as ``ImageContext.reduced`` makes it from
+    the photo itself (bilinear, ``reducing_gap=2``; the photo itself when it fits)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    if max(rgb.size) <= ELA_MAX_SIDE:
+        return rgb
+    scale = ELA_MAX_SIDE / max(rgb.size)
+    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    return rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def error_level(image: Image.Image, reduced: Image.Image | None = None) -> dict[str, Any]:
     """Block error levels after one more JPEG round trip at ``ELA_QUALITY``, measured on the
-    photo shrunk to at most ``ELA_MAX_SIDE`` (the statistic is about regions, not pixels)."""
-    rgb, _ = fit_within(image if image.mode == "RGB" else image.convert("RGB"), ELA_MAX_SIDE,
-                        Image.Resampling.LANCZOS)
+    photo shrunk to at most ``ELA_MAX_SIDE`` (the statistic is about regions, not pixels):
+    ``reduced`` when the caller has that copy (``ctx.reduced(ELA_MAX_SIDE)``), else
+    :func:`ela_copy`."""
+    rgb = ela_copy(image) if reduced is None else reduced
+    if rgb.mode != "RGB":
+        rgb = rgb.convert("RGB")
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=ELA_QUALITY)
-    again = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.int16)
-    # Integer differences summed over the channels, then one division: the same values as the
-    # float32 mean over channels (sums of at most 765 are exact), at a third of the memory.
-    diff = np.abs(np.asarray(rgb, dtype=np.int16) - again).sum(axis=2, dtype=np.int16) / np.float32(3.0)
+    again = Image.open(buf)
+    again.load()
+    # |a - b| per channel in C, then the exact integer sum of each 16x16 block over the three
+    # channels (rows of 16 * 3 bytes): the block means are those of the per-pixel channel
+    # means, without rounding.
+    diff = np.asarray(ImageChops.difference(rgb, again if again.mode == "RGB" else again.convert("RGB")))
     h, w = (diff.shape[0] // BLOCK) * BLOCK, (diff.shape[1] // BLOCK) * BLOCK
     if h == 0 or w == 0:
         return {"ratio": 0.0}
-    blocks = diff[:h, :w].reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).mean(axis=(1, 3))
+    rows = diff[:h, :w].reshape(h // BLOCK, BLOCK, w * 3).sum(axis=1, dtype=np.uint16)
+    blocks = rows.reshape(h // BLOCK, w // BLOCK, BLOCK * 3).sum(axis=2, dtype=np.int64) / (3.0 * BLOCK * BLOCK)
     median = float(np.median(blocks))
     top = float(np.percentile(blocks, 99.5))
     iy, ix = np.unravel_index(int(np.argmax(blocks)), blocks.shape)
@@ -79,7 +95,9 @@ def error_level(image: Image.Image) -> dict[str, Any]:
 class TamperStep:
     name: ClassVar[str] = "tamper"
     requires: ClassVar[tuple[str, ...]] = ()
-    VERSION: ClassVar[str] = "tamper@1:ela-q90+exif-software"
+    # @2: ELA on the shared bilinear 1024 px copy (@1: its own Lanczos copy): the same figures
+    # for photos up to 1024 px, the ratio within about 6 % (p5-p95) above.
+    VERSION: ClassVar[str] = "tamper@2:ela-q90-bilinear1024+exif-software"
 
     def version(self, settings: Settings) -> str:
         """A rules-only step: the version changes when its rules do."""
@@ -90,7 +108,8 @@ class TamperStep:
         data: dict[str, Any] = {"software": software}
         reasons, score = [], 0.0
         if ctx.source_format == "JPEG":
-            ela = error_level(ctx.image)
+            # The reduced copy other steps share (segmentation's analysis copy is this size).
+            ela = error_level(ctx.image, ctx.reduced(ELA_MAX_SIDE)[0])
             data["ela"] = ela
             data["jpeg_quality"] = estimate_quality(ctx.raw)
             if ela["ratio"] >= ctx.settings.tamper_ela_threshold:
