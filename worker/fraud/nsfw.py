@@ -23,7 +23,7 @@ from PIL import Image
 
 from worker.config import Settings
 from worker.models.backends import Backend
-from worker.models.common import package_file, rgb
+from worker.models.common import package_file, resample_uint8, rgb, tensor_image
 from worker.models.runtime import ModelUnavailable, Prepared, VisionModel, model_for
 from worker.pipeline.contract import Flag, ImageContext, StepResult
 
@@ -40,7 +40,12 @@ def model_path() -> Path:
 def preprocess(image: Image.Image) -> np.ndarray:
     """The reference open_nsfw input: 256 px, centre 224 px, JPEG round trip, BGR minus mean.
     Always (224, 224, 3) float32, whatever the photo's size or aspect ratio."""
-    img = rgb(image).resize((256, 256), Image.Resampling.BILINEAR).crop((16, 16, 240, 240))
+    if image.width >= 256 and image.height >= 256:
+        # Pillow's antialiased bilinear by torch's uint8 kernels: within a grey level of
+        # Pillow's pixels (scores within 1e-2, tests/worker/fraud), ~1 ms instead of ~4 ms
+        img = tensor_image(resample_uint8(image, (256, 256), "bilinear")[:, 16:240, 16:240])
+    else:
+        img = rgb(image).resize((256, 256), Image.Resampling.BILINEAR).crop((16, 16, 240, 240))
     buf = io.BytesIO()
     img.save(buf, "JPEG")
     arr = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32)

