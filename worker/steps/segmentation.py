@@ -19,13 +19,13 @@ each named from a small colour table matched in Lab, and (d) a plain-background 
 the main-image rule.
 
 Bounded memory for any upload: the model sees a fixed-size input and returns a
-:class:`Mask` at its own resolution; the analysis runs on a point-sampled copy of the photo
-whose longer side is at most ``ANALYSIS_MAX_SIDE``, and the full-resolution cutout resamples
-the mask for the product's box only.
+:class:`Mask` at its own resolution; the analysis runs on the shared reduced copy of the photo
+(``ImageContext.reduced``) whose longer side is at most ``ANALYSIS_MAX_SIDE``, and the
+full-resolution cutout resamples the mask for the product's box only.
 
 CPU per 1 MP photo outside the forward (issue 14; docs/performance.md): the model input is
-the one resize of the full photo; the analysis grid is point-sampled (no filtered resize);
-k-means runs in numpy; the cutout is written by :func:`encode_png` (fixed PNG filter, zlib
+the one resize of the full photo; the analysis copy is shared with other steps; k-means runs
+in numpy; the cutout is written by :func:`encode_png` (fixed PNG filter, zlib
 level 1), whose deflate of the box's RGBA bytes is most of what is left.
 """
 
@@ -76,10 +76,11 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 FOREGROUND = 0.5  # mask probability above which a pixel is product
 BACKGROUND = 0.2  # below which it is background (the band between is the soft edge)
 MIN_FOREGROUND_SHARE = 0.002  # less than this is speckle, not a product
-# Box, colours and background are measured on a grid at most this size. Not smaller: the colours
-# come from k-means on a fixed-seed sample of the grid's foreground, and another grid size draws
-# another sample, which names other colours on ~1 photo in 4 (at 512 px: 4 of 19 test photos,
-# shares up to 0.34 apart; a different seed alone: 9 of 19).
+# Box, colours and background are measured on a reduced copy at most this size (ctx.reduced, the
+# one tamper's error-level analysis uses too). Not smaller: the colours come from k-means on a
+# fixed-seed sample of the copy's foreground pixels, and a copy of another size draws another
+# sample, which names other colours on ~1 photo in 4 (at 512 px: 4 of 19 test photos, shares up
+# to 0.34 apart; another seed alone: 9 of 19).
 ANALYSIS_MAX_SIDE = 1024
 CUTOUT_PNG_LEVEL = 1  # zlib level of the cutout PNG (pixels are lossless at every level)
 
@@ -378,22 +379,6 @@ def write_cutout(image: Image.Image, mask: Mask, box: tuple[int, int, int, int],
 # --- step --------------------------------------------------------------------------------------
 
 
-def analysis_copy(image: Image.Image, max_side: int | None = None) -> tuple[Image.Image, tuple[float, float]]:
-    """The grid the mask is analysed on: ``image`` point-sampled (nearest neighbour: each
-    cell is the photo's pixel at the cell's centre) to at most ``max_side`` on its longer
-    side, and the (x, y) scales applied. Box and foreground share only need the mask at this
-    grid; colours and background are measured on at most ``SAMPLE_POINTS`` of its pixels,
-    which point sampling takes unaveraged from the photo, for ~0.1 ms instead of the ~6-10 ms
-    of a filtered resize of a megapixel photo."""
-    max_side = max_side or ANALYSIS_MAX_SIDE
-    width, height = image.size
-    if max(width, height) <= max_side:
-        return rgb(image), (1.0, 1.0)
-    scale = max_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return rgb(image.resize(size, Image.Resampling.NEAREST)), (size[0] / width, size[1] / height)
-
-
 class SegmentationStep(ModelStep[Mask]):
     name: ClassVar[str] = "segmentation"
 
@@ -404,7 +389,8 @@ class SegmentationStep(ModelStep[Mask]):
         settings = ctx.settings
         model = self.model(settings)
         mask = model.infer(ctx.image)
-        work, scale = analysis_copy(ctx.image)
+        # The reduced copy is shared: error-level analysis (tamper) measures the same one.
+        work, scale = ctx.reduced(ANALYSIS_MAX_SIDE)
         analysis = analyse_mask(work, mask.resized(work.width, work.height), settings.colour_clusters)
         box = to_photo_box(analysis.box, scale, ctx.image.size) if analysis.box else None
         artifacts = []

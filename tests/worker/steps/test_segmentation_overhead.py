@@ -5,9 +5,7 @@ computation it replaced, written out here as it was, on real photos:
   skimage's ``label``/``regionprops`` box exactly;
 * k-means in numpy gives the colours of the torch version (same names, shares within 0.002:
   only the floating-point summation order differs);
-* the analysis copy, point-sampled (nearest) instead of bilinear at the same size, gives the
-  same box (exactly), the same colour names (shares within 0.03) and the same background
-  colour (score within 0.03, as for the sample in test_colours_sample.py);
+* the shared analysis copy (``ctx.reduced``) has the pixels of the step's own copy before;
 * the cutout PNG (own encoder, fixed "Up" filter, transparent pixels stored as 0,0,0,0)
   decodes to the same alpha and the same visible pixels as the Pillow-encoded one.
 
@@ -26,13 +24,14 @@ import skimage.data
 import torch
 from PIL import Image, ImageDraw
 
+from worker.config import load_settings
 from worker.models.common import fit_within
+from worker.pipeline.contract import ImageContext
 from worker.steps import colours
 from worker.steps.segmentation import (
     ANALYSIS_MAX_SIDE,
     Mask,
     analyse_mask,
-    analysis_copy,
     encode_png,
     main_object_box,
     write_cutout,
@@ -150,29 +149,26 @@ def test_kmeans_colours_are_those_of_the_torch_version(name: str, monkeypatch: p
             assert all(abs(new[c] - old[c]) <= 0.002 for c in old), (old, new)
 
 
-@pytest.mark.parametrize("name", PHOTOS)
-def test_point_sampled_analysis_copy_measures_what_the_bilinear_one_did(name: str) -> None:
-    photo = _photo(name)
-    mask = _soft_mask(photo.size, PHOTOS.index(name))
-    old_work, old_scale = fit_within(photo, ANALYSIS_MAX_SIDE)  # the copy before: bilinear
-    work, scale = analysis_copy(photo)
-    assert work.size == old_work.size and scale == old_scale
-    old = analyse_mask(old_work, mask.resized(*old_work.size), CLUSTERS)
-    new = analyse_mask(work, mask.resized(*work.size), CLUSTERS)
-    assert new.box == old.box and new.foreground_share == old.foreground_share
-    old_colours, new_colours = _named(old.colours), _named(new.colours)
-    above = {c for c, s in old_colours.items() if s >= MIN_SHARE}
-    assert above == {c for c, s in new_colours.items() if s >= MIN_SHARE}, (old_colours, new_colours)
-    assert all(abs(new_colours[c] - old_colours[c]) <= 0.03 for c in above), (old_colours, new_colours)
-    assert new.background["colour"] == old.background["colour"]
-    assert abs(new.background["score"] - old.background["score"]) <= 0.03
+@pytest.mark.parametrize("size", [(1225, 816), (998, 999), (2000, 1500), (4000, 3000), (700, 1400)])
+def test_shared_analysis_copy_is_the_one_measured_before(size: tuple[int, int]) -> None:
+    """The step analyses ``ctx.reduced(ANALYSIS_MAX_SIDE)`` (shared with tamper) instead of
+    its own ``fit_within`` copy: the same pixels for photos up to 4095 px (both resize in one
+    bilinear pass below a 4x reduction), hence the same box, colours and background."""
+    photo = _photo("astronaut").resize(size, Image.Resampling.BICUBIC)
+    ctx = ImageContext(image_id=1, listing_id=1, seller_id="s", category=None, url="file://x", image=photo,
+                       raw=b"", source_format="PNG", sha256="0" * 64, settings=load_settings())
+    shared, scale = ctx.reduced(ANALYSIS_MAX_SIDE)
+    before, before_scale = fit_within(photo, ANALYSIS_MAX_SIDE)
+    assert scale == before_scale and np.array_equal(np.asarray(shared), np.asarray(before))
+    mask = _soft_mask(photo.size, 2).resized(*shared.size)
+    assert analyse_mask(shared, mask, CLUSTERS) == analyse_mask(before, mask, CLUSTERS)
 
 
 def test_cutout_keeps_alpha_and_every_visible_pixel(tmp_path: Path) -> None:
     for index, name in enumerate(("coffee", "astronaut", "chelsea")):
         photo = _photo(name)
         mask = _soft_mask(photo.size, index)
-        work, scale = analysis_copy(photo)
+        work, scale = fit_within(photo, ANALYSIS_MAX_SIDE)
         box = main_object_box(mask.resized(*work.size) >= 0.5)
         assert box is not None
         photo_box = (int(box[0] / scale[0]), int(box[1] / scale[1]),
