@@ -82,7 +82,7 @@ MIN_FOREGROUND_SHARE = 0.002  # less than this is speckle, not a product
 # sample, which names other colours on ~1 photo in 4 (at 512 px: 4 of 19 test photos, shares up
 # to 0.34 apart; another seed alone: 9 of 19).
 ANALYSIS_MAX_SIDE = 1024
-CUTOUT_PNG_LEVEL = 1  # zlib level of the cutout PNG (pixels are lossless at every level)
+CUTOUT_PNG_LEVEL = 1  # zlib level of the cutout PNG when compressed (0 = stored; with Z_RLE 1-9 are alike)
 
 
 # --- masks -----------------------------------------------------------------------------------
@@ -358,7 +358,8 @@ def encode_png(pixels: np.ndarray, level: int = CUTOUT_PNG_LEVEL) -> bytes:
     return b"".join([b"\x89PNG\r\n\x1a\n", *chunk(b"IHDR", header), *chunk(b"IDAT", *idat), *chunk(b"IEND")])
 
 
-def write_cutout(image: Image.Image, mask: Mask, box: tuple[int, int, int, int], path: Path) -> Artifact:
+def write_cutout(image: Image.Image, mask: Mask, box: tuple[int, int, int, int], path: Path,
+                 level: int = CUTOUT_PNG_LEVEL) -> Artifact:
     """RGBA PNG of the product at the photo's resolution, cropped to its box, alpha = the
     soft mask resampled for that box only. Fully transparent pixels are stored as
     (0, 0, 0, 0): nothing visible changes, and those runs cost the encoder next to nothing
@@ -372,7 +373,7 @@ def write_cutout(image: Image.Image, mask: Mask, box: tuple[int, int, int, int],
     rgba = pixels.view(np.uint32)[..., 0]  # one 32-bit word per pixel
     rgba *= opacity != 0  # alpha 0 -> (0, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(pixels))
+    path.write_bytes(encode_png(pixels, level))
     return Artifact("cutout", path, cut.width, cut.height)
 
 
@@ -395,8 +396,8 @@ class SegmentationStep(ModelStep[Mask]):
         box = to_photo_box(analysis.box, scale, ctx.image.size) if analysis.box else None
         artifacts = []
         if box is not None:
-            artifacts.append(write_cutout(ctx.image, mask, box,
-                                          ctx.artifact_dir / f"{ctx.image_id}-cutout.png"))
+            artifacts.append(write_cutout(ctx.image, mask, box, ctx.artifact_dir / f"{ctx.image_id}-cutout.png",
+                                          CUTOUT_PNG_LEVEL if settings.cutout_compress else 0))
         tags = [Tag(colour["name"], colour["share"], "colour") for colour in analysis.colours
                 if colour["share"] >= settings.colour_min_share]
         return StepResult(

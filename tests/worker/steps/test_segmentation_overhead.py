@@ -202,3 +202,17 @@ def test_png_encoder_round_trips_any_rgba() -> None:
         assert len(raw) == height * (1 + width * 4) and raw[:: 1 + width * 4] == b"\x02" * height
     with pytest.raises(ValueError, match="RGBA"):
         encode_png(np.zeros((4, 4, 3), dtype=np.uint8))
+
+
+def test_uncompressed_cutout_has_the_same_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CATALOG_CUTOUT_COMPRESS=false stores the PNG without deflate: the same pixels, a
+    larger file."""
+    monkeypatch.setenv("CATALOG_CUTOUT_COMPRESS", "false")
+    assert load_settings().cutout_compress is False
+    photo = _photo("chelsea")
+    mask = _soft_mask(photo.size, 4)
+    box = (40, 30, photo.width - 50, photo.height - 20)
+    packed = write_cutout(photo, mask, box, tmp_path / "packed.png")
+    stored = write_cutout(photo, mask, box, tmp_path / "stored.png", level=0)
+    assert np.array_equal(np.asarray(Image.open(packed.path)), np.asarray(Image.open(stored.path)))
+    assert stored.path.stat().st_size > 1.5 * packed.path.stat().st_size
