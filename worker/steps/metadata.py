@@ -18,7 +18,8 @@ from typing import ClassVar
 from PIL import Image
 
 from worker.config import Settings
-from worker.io.hashing import hashes, to_hex
+from worker.io import lanczos
+from worker.io.hashing import dhash, hashes, phash, to_hex
 from worker.models.common import resample_uint8, tensor_image
 from worker.pipeline.contract import Artifact, ImageContext, StepResult
 
@@ -64,6 +65,17 @@ def write_thumbnail(image: Image.Image, max_side: int, path: Path) -> Artifact:
     return Artifact(THUMBNAIL_KIND, path, thumb.width, thumb.height)
 
 
+def photo_hashes(grey: Image.Image) -> tuple[int, int]:
+    """``hashes(grey)`` (pHash, dHash), bit for bit, ~2.5x cheaper: the two Lanczos reductions
+    of the full photo that start them are computed as matrix products
+    (:mod:`worker.io.lanczos`, the same pixels as Pillow's), and the hashes are taken of those
+    32 x 32 and 9 x 8 images (which Pillow's resize to their own size only copies)."""
+    if not lanczos.AVAILABLE or grey.mode != "L":
+        return hashes(grey)
+    small, tiny = lanczos.lanczos_grey(grey, [(32, 32), (9, 8)])
+    return phash(Image.fromarray(small, "L")), dhash(Image.fromarray(tiny, "L"))
+
+
 class MetadataStep:
     name: ClassVar[str] = "metadata"
     requires: ClassVar[tuple[str, ...]] = ()
@@ -80,7 +92,7 @@ class MetadataStep:
     def run(self, ctx: ImageContext) -> StepResult:
         width, height = ctx.image.size
         # the full-size grey copy every step shares (duplicates hashes it too): one conversion
-        phash, dhash = hashes(ctx.shared("grey", lambda: ctx.image.convert("L")))
+        phash, dhash = photo_hashes(ctx.shared("grey", lambda: ctx.image.convert("L")))
         thumbnail = write_thumbnail(ctx.image, ctx.settings.thumbnail_side,
                                     ctx.artifact_dir / f"{ctx.image_id}-thumb.jpg")
         return StepResult(

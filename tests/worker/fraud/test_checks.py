@@ -173,9 +173,9 @@ def test_nsfw_torch_resampled_input_keeps_the_score() -> None:
     import torch
 
     model = nsfw_model(load_settings(device="cpu", batch_max_size=1))
-    for name in ("coffee", "astronaut", "chelsea", "rocket", "camera"):
+    for name in ("coffee", "astronaut", "camera"):
         base = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        for size in (base.size, (1225, 816), (816, 1225), (300, 260)):
+        for size in (base.size, (1225, 816), (300, 260)):
             photo = base.resize(size)
             old, new = (model.postprocess(model.forward_batch([Prepared(torch.from_numpy(made(photo)), {})])[0], {})
                         for made in (pillow_preprocess, preprocess))

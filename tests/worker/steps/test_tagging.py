@@ -162,9 +162,9 @@ def test_torch_resampled_input_gives_the_labels_of_pillow_s(model: EfficientNetL
         crop = rgb(image).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC, box=box)
         return Prepared(torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0, {})
 
-    for name in ("coffee", "chelsea", "astronaut", "rocket", "hubble_deep_field"):
+    for name in ("coffee", "chelsea", "rocket"):
         base = Image.fromarray(getattr(data, name)()).convert("RGB")
-        for size in (base.size, (1225, 816), (816, 1225), (1500, 1000)):
+        for size in (base.size, (1225, 816), (816, 1225)):
             image = base.resize(size, Image.Resampling.BICUBIC)
             before, after = (model.postprocess(model.forward_batch([item])[0], {})
                              for item in (pillow_prepare(image), model.prepare(image)))
