@@ -10,8 +10,9 @@ pixels). Within a stated tolerance, each with a step version bump:
   @1 hashes still matches @2 queries of edited copies under the default distance;
 * error-level analysis on the shared bilinear 1024 px copy (tamper@2; @1 made its own Lanczos
   copy): the same figures for photos up to 1024 px, the ratio within 15 % above;
-* the Laplacian variance of the grey copy shrunk to 512 px (quality@2; @1 shrank the RGB
-  photo, then converted it): rounding noise only, within 10 % and the same blur decision.
+* the Laplacian variance of the grey copy shrunk to 512 px (quality@2, Pillow's bilinear by
+  torch's uint8 kernel, within a grey level; @1 shrank the RGB photo with Pillow, then
+  converted it): rounding noise only, within 10 % and the same blur decision.
 
 The thumbnail (a picture for people, analysed by nothing) moved from Lanczos to bicubic
 resampling: about half a grey level apart on average before the JPEG encoding, under two
@@ -31,7 +32,7 @@ from PIL import Image, ImageOps
 from worker.config import load_settings
 from worker.fraud import fingerprint as fp
 from worker.fraud.duplicates import best_match
-from worker.fraud.quality import ANALYSIS_SIDE, laplacian_variance
+from worker.fraud.quality import ANALYSIS_SIDE, analysis_pixels, laplacian_variance
 from worker.fraud.tamper import BLOCK, ELA_MAX_SIDE, ELA_QUALITY, ela_copy, error_level
 from worker.io.hashing import _dct_matrix, dhash, hashes, phash
 from worker.models.common import fit_within
@@ -254,6 +255,17 @@ def test_laplacian_variance_is_kornias_on_the_same_pixels() -> None:
             grey = image.convert("L").resize((round(image.width * scale), round(image.height * scale)),
                                              Image.Resampling.BILINEAR)
             assert laplacian_variance(grey) == pytest.approx(_kornia_laplacian_variance(grey), rel=1e-5)
+
+
+def test_analysis_pixels_are_pillows_bilinear_within_a_grey_level() -> None:
+    for photo in _photos():
+        grey = photo.convert("L")
+        scale = ANALYSIS_SIDE / max(grey.size)
+        size = (round(grey.width * scale), round(grey.height * scale))
+        pillow = np.asarray(grey.resize(size, Image.Resampling.BILINEAR) if scale < 1 else grey, dtype=np.int32)
+        pixels = analysis_pixels(photo)
+        assert pixels is not None and pixels.shape == pillow.shape
+        assert np.abs(pixels - pillow).max() <= 1
 
 
 def test_laplacian_variance_of_the_grey_copy_is_near_that_of_before() -> None:
