@@ -335,8 +335,10 @@ def encode_png(pixels: np.ndarray, level: int = CUTOUT_PNG_LEVEL) -> bytes:
     Every row with the PNG "Up" filter (one numpy subtraction for the whole image) and one
     zlib stream with the run-length strategy at ``level``. Pillow's encoder picks one of the
     five filters per row by trying them all, which took as long as the deflate itself
-    (~25 ms per megapixel); for a cutout the fixed filter gives files within ~10 % of
-    Pillow's at level 1. Any PNG decoder reads the same pixels."""
+    (~25 ms per megapixel). On the test photos' cutouts the files are 22 % smaller to 8 %
+    larger than Pillow's at level 1 (with the zeroed transparent pixels). With ``Z_RLE``
+    levels 1-9 compress alike; 0 stores the rows uncompressed. Any PNG decoder reads the
+    same pixels."""
     height, width, channels = pixels.shape
     if channels != 4 or pixels.dtype != np.uint8:
         raise ValueError(f"encode_png takes RGBA pixels, (h, w, 4) uint8; got {pixels.shape} {pixels.dtype}")

@@ -18,6 +18,7 @@ import io
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import skimage.data
@@ -139,14 +140,13 @@ def test_main_object_box_is_the_regionprops_box() -> None:
 @pytest.mark.parametrize("name", PHOTOS)
 def test_kmeans_colours_are_those_of_the_torch_version(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     pixels = np.asarray(_photo(name, 0.3)).reshape(-1, 3)
-    for part in (pixels[: len(pixels) // 2], pixels[len(pixels) // 2:]):
-        for k in (2, CLUSTERS):
-            new = _named(colours.dominant_colours(part, k))
-            with monkeypatch.context() as patch:
-                patch.setattr(colours, "kmeans", _old_kmeans)
-                old = _named(colours.dominant_colours(part, k))
-            assert set(new) == set(old), (old, new)
-            assert all(abs(new[c] - old[c]) <= 0.002 for c in old), (old, new)
+    for part, k in ((pixels[: len(pixels) // 2], CLUSTERS), (pixels[len(pixels) // 2:], CLUSTERS), (pixels, 2)):
+        new = _named(colours.dominant_colours(part, k))
+        with monkeypatch.context() as patch:
+            patch.setattr(colours, "kmeans", _old_kmeans)
+            old = _named(colours.dominant_colours(part, k))
+        assert set(new) == set(old), (old, new)
+        assert all(abs(new[c] - old[c]) <= 0.002 for c in old), (old, new)
 
 
 @pytest.mark.parametrize("size", [(1225, 816), (998, 999), (2000, 1500), (4000, 3000), (700, 1400)])
@@ -196,6 +196,9 @@ def test_png_encoder_round_trips_any_rgba() -> None:
         decoded = Image.open(io.BytesIO(data))
         decoded.load()  # checks the chunks' CRCs
         assert decoded.mode == "RGBA" and np.array_equal(np.asarray(decoded), pixels)
+        bgra = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)  # libpng
+        assert bgra is not None
+        assert np.array_equal(cv2.cvtColor(bgra.reshape(height, width, 4), cv2.COLOR_BGRA2RGBA), pixels)
         # The deflate stream on its own decodes to the filtered rows (filter byte 2 = Up).
         idat_length = int.from_bytes(data[33:37], "big")
         raw = zlib.decompress(data[41:41 + idat_length])
