@@ -109,7 +109,8 @@ class Cluster:
 
 @contextmanager
 def cluster(photos: list[str], steps: list[str], processes: int, *, device: str = "cpu",
-            pool: str = "prefork", batch: int | None = None, log_dir: Path | None = None) -> Iterator[Cluster]:
+            pool: str = "prefork", batch: int | None = None, log_dir: Path | None = None,
+            threads: int | None = None, extra_env: dict[str, str] | None = None) -> Iterator[Cluster]:
     """Start ingest + a worker with ``processes`` pool processes; warm every pool process."""
     with ExitStack() as stack:
         url = stack.enter_context(scratch_database("catalog_bench_e2e"))
@@ -119,13 +120,14 @@ def cluster(photos: list[str], steps: list[str], processes: int, *, device: str 
         stats_dir.mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CATALOG_")}
         cores = os.cpu_count() or 1
-        threads = cores if pool == "threads" else max(1, cores // processes)
+        threads = threads or (cores if pool == "threads" else max(1, cores // processes))
         env.update(CATALOG_DATABASE_URL=url, CATALOG_BROKER_URL=common.REDIS_URL, CATALOG_DATA_DIR=str(work / "data"),
                    CATALOG_STEPS=",".join(steps), CATALOG_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1",
                    CATALOG_FETCH_ALLOW_DIRS=str(Path(photos[0]).parent), CATALOG_DEVICE=device,
                    CATALOG_TORCH_THREADS=str(threads), BENCH_STATS_DIR=str(stats_dir))
         if batch:
             env["CATALOG_BATCH_MAX_SIZE"] = str(batch)
+        env.update(extra_env or {})
         logs = log_dir or work
         cmd = [sys.executable, "-m", "bench.workerhook"]
         root = Path(__file__).resolve().parents[1]
@@ -294,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--megapixels", type=float, default=1.0)
     parser.add_argument("--profile", type=Path, metavar="DIR")
     parser.add_argument("--repeat", type=int, default=1, help="bursts in the same cluster (each reported)")
+    parser.add_argument("--threads", type=int, help="CATALOG_TORCH_THREADS (default: cores / processes)")
+    parser.add_argument("--images-per-task", type=int, help="CATALOG_IMAGES_PER_TASK (default: the setting's)")
     args = parser.parse_args(argv)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -301,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-e2e-photos-") as tmp:
         photos = common.write_photos(Path(tmp) / "photos", 64, args.megapixels)
         steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-        with cluster(photos, steps, args.processes) as c:
+        extra = {"CATALOG_IMAGES_PER_TASK": str(args.images_per_task)} if args.images_per_task else {}
+        with cluster(photos, steps, args.processes, threads=args.threads, extra_env=extra) as c:
             for _ in range(args.repeat):
                 res = burst(c, args.images, args.per_listing)
-                res.update(processes=args.processes, steps=steps, load1=common.load1(),
+                res.update(processes=args.processes, steps=steps, load1=common.load1(), threads=args.threads,
+                           images_per_task=args.images_per_task,
                            per_process_images_per_s=round(res["images_per_s"] / args.processes, 2),
                            photos=common.photo_sizes(photos))
                 print(json.dumps(res), flush=True)
