@@ -11,6 +11,7 @@ is already applied and no metadata of the upload (GPS position, camera) is carri
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import ClassVar
@@ -20,7 +21,6 @@ from PIL import Image
 from worker.config import Settings
 from worker.io import lanczos
 from worker.io.hashing import dhash, hashes, phash, to_hex
-from worker.models.common import resample_uint8, tensor_image
 from worker.pipeline.contract import Artifact, ImageContext, StepResult
 
 THUMBNAIL_KIND = "thumbnail"
@@ -44,13 +44,22 @@ def write_thumbnail(image: Image.Image, max_side: int, path: Path) -> Artifact:
     Written to a temporary file first and renamed into place: the review service may be
     serving the previous thumbnail of the same image while the image is analysed again."""
     # Bicubic: for a picture people look at, about half a grey level from Lanczos on average
-    # (tests/worker/steps/test_overhead_cuts.py). Pillow's antialiased bicubic computed by
-    # torch's uint8 kernels (within a grey level or so of Pillow's own, 3x cheaper).
+    # (tests/worker/steps/test_overhead_cuts.py).
     size = thumbnail_size(image.size, max_side)
     if size == image.size:
         thumb = image if image.mode == "RGB" else image.convert("RGB")
-    else:
+    elif "torch" in sys.modules:
+        # A model step has loaded torch: Pillow's antialiased bicubic computed by torch's uint8
+        # kernels, ~3x cheaper (the rounding differs on a fraction of the pixels, < 0.05 grey
+        # levels on average). A worker without model steps never imports torch (~0.7 GB of
+        # RSS) for this: it keeps Pillow's own resize.
+        from worker.models.common import resample_uint8, tensor_image
+
         thumb = tensor_image(resample_uint8(image, size, "bicubic"))
+    else:
+        thumb = image.resize(size, THUMBNAIL_FILTER, reducing_gap=2.0)
+        if thumb.mode != "RGB":  # steps see RGB; a caller's RGBA or L image still makes a JPEG
+            thumb = thumb.convert("RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +112,35 @@ def test_thumbnails_of_two_images_do_not_collide(make_settings: Callable[..., Se
     a = MetadataStep().run(_ctx(_jpeg(_photo(100, 100)), settings, image_id=1)).artifacts[0]
     b = MetadataStep().run(_ctx(_jpeg(_photo(100, 100)), settings, image_id=2)).artifacts[0]
     assert a.path != b.path and a.path.is_file() and b.path.is_file()
+
+
+def test_metadata_step_does_not_import_torch() -> None:
+    """A worker with only the metadata step never loads torch (~0.7 GB of RSS): the thumbnail
+    uses torch's kernels only where a model step has imported it already."""
+    import subprocess
+    import sys
+
+    code = ("import sys, worker.steps.metadata, worker.io.lanczos; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_thumbnail_without_torch_is_pillow_s_bicubic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import skimage.data
+    import torch  # noqa: F401 - as in a worker with model steps
+
+    from worker.steps.metadata import THUMBNAIL_QUALITY, write_thumbnail
+
+    photo = Image.fromarray(skimage.data.astronaut()).resize((1225, 816))
+    with_torch = write_thumbnail(photo, 640, tmp_path / "a.jpg")
+    monkeypatch.delitem(sys.modules, "torch")  # as in a metadata-only worker
+    without = write_thumbnail(photo, 640, tmp_path / "b.jpg")
+    expected = io.BytesIO()
+    photo.resize((640, 426), Image.Resampling.BICUBIC, reducing_gap=2.0).save(expected, "JPEG",
+                                                                             quality=THUMBNAIL_QUALITY)
+    assert without.path.read_bytes() == expected.getvalue()
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (with_torch.path, without.path))
+    assert (with_torch.width, with_torch.height) == (without.width, without.height) == (640, 426)
+    assert float(np.abs(a - b).mean()) < 0.5  # the same filter up to rounding, then JPEG
