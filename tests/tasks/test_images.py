@@ -81,6 +81,24 @@ def test_a_fetch_retry_gives_the_lease_back(db: str) -> None:
     assert (image.status, image.attempts, image.lease_owner, image.lease_expires_at) == ("pending", 1, None, None)
 
 
+def test_the_batch_task_sends_a_retried_image_on_alone(db: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.images import analyze_image, analyze_images
+
+    ids = apply(db, event(unique("L"), [photo(tmp_path / "a.png"), "http://127.0.0.1:9/closed.jpg"])).images_to_analyze
+    sent: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(analyze_image, "apply_async", lambda *a, **k: sent.append((a, k)))
+    assert deliver(analyze_images, "t-b", 0, ids) == {"done": 1, "retry": 1}
+    # As analyze_image's own first retry: the same fetch budget, the lease given back.
+    assert sent == [(((ids[1],), {"event_id": None}), {"countdown": 0, "retries": 1})]
+    good, retried = _image(db, ids[0]), _image(db, ids[1])
+    assert (good.status, good.attempts, good.lease_owner) == ("done", 1, None)
+    assert (retried.status, retried.attempts, retried.lease_owner) == ("pending", 1, None)
+    # The redelivered batch message finds the done image done and leaves the handed-back one
+    # to its own message (claims it like any pending image: idempotent either way).
+    assert deliver(analyze_images, "t-b", 0, ids[:1]) == {"skipped": 1}
+
+
 def test_housekeeping_reannounces_expired_leases(db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks import maintenance
 
