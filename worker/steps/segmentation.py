@@ -82,6 +82,7 @@ MIN_FOREGROUND_SHARE = 0.002  # less than this is speckle, not a product
 # sample, which names other colours on ~1 photo in 4 (at 512 px: 4 of 19 test photos, shares up
 # to 0.34 apart; another seed alone: 9 of 19).
 ANALYSIS_MAX_SIDE = 1024
+PNG_BAND_BYTES = 1 << 20  # filtered rows handed to zlib at a time by encode_png
 CUTOUT_PNG_LEVEL = 1  # zlib level of the cutout PNG when compressed (0 = stored; with Z_RLE 1-9 are alike)
 
 
@@ -343,12 +344,23 @@ def encode_png(pixels: np.ndarray, level: int = CUTOUT_PNG_LEVEL) -> bytes:
     if channels != 4 or pixels.dtype != np.uint8:
         raise ValueError(f"encode_png takes RGBA pixels, (h, w, 4) uint8; got {pixels.shape} {pixels.dtype}")
     rows = pixels.reshape(height, width * 4)
-    filtered = np.empty((height, width * 4 + 1), dtype=np.uint8)
-    filtered[:, 0] = 2  # filter type 2, "Up": each byte minus the byte above it, modulo 256
-    filtered[0, 1:] = rows[0]  # the row above the first one counts as zeros
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
     compressor = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    idat = [compressor.compress(filtered.data), compressor.flush()]
+    # Filtered and deflated in bands of ~PNG_BAND_BYTES: the extra memory stays that small
+    # for any cutout, and each band is still in the cache when zlib reads it.
+    band_rows = max(1, PNG_BAND_BYTES // (width * 4 + 1))
+    band = np.empty((min(band_rows, height), width * 4 + 1), dtype=np.uint8)
+    band[:, 0] = 2  # filter type 2, "Up": each byte minus the byte above it, modulo 256
+    idat = []
+    for start in range(0, height, band_rows):
+        stop = min(start + band_rows, height)
+        out = band[:stop - start]
+        if start == 0:
+            out[0, 1:] = rows[0]  # the row above the first one counts as zeros
+            np.subtract(rows[1:stop], rows[:stop - 1], out=out[1:, 1:])
+        else:
+            np.subtract(rows[start:stop], rows[start - 1:stop - 1], out=out[:, 1:])
+        idat.append(compressor.compress(out.data))  # zlib has consumed the band on return
+    idat.append(compressor.flush())
 
     def chunk(kind: bytes, *data: bytes) -> list[bytes]:
         crc = zlib.crc32(kind)
@@ -369,14 +381,16 @@ def write_cutout(image: Image.Image, mask: Mask, box: tuple[int, int, int, int],
     x0, y0, x1, y1 = box
     alpha = mask.resized(x1 - x0, y1 - y0, (float(x0), float(y0), float(x1), float(y1)))
     opacity = np.round(alpha * 255).astype(np.uint8)
+    del alpha  # large cutouts: hold one full-size copy at a time where possible
     cut = rgb(image).crop(box)
     cut.putalpha(Image.fromarray(opacity))
     pixels = np.array(cut)  # (h, w, 4), writable
+    del cut
     rgba = pixels.view(np.uint32)[..., 0]  # one 32-bit word per pixel
     rgba *= opacity != 0  # alpha 0 -> (0, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(encode_png(pixels, level))
-    return Artifact("cutout", path, cut.width, cut.height)
+    return Artifact("cutout", path, x1 - x0, y1 - y0)
 
 
 # --- step --------------------------------------------------------------------------------------

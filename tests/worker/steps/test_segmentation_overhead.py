@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from worker.config import load_settings
 from worker.models.common import fit_within
 from worker.pipeline.contract import ImageContext
-from worker.steps import colours
+from worker.steps import colours, segmentation
 from worker.steps.segmentation import (
     ANALYSIS_MAX_SIDE,
     Mask,
@@ -187,9 +187,11 @@ def test_cutout_keeps_alpha_and_every_visible_pixel(tmp_path: Path) -> None:
         assert not new[~visible].any()  # fully transparent pixels are (0, 0, 0, 0)
 
 
-def test_png_encoder_round_trips_any_rgba() -> None:
+@pytest.mark.parametrize("band_bytes", [1 << 20, 64, 1])  # one band; bands of a few rows; one row each
+def test_png_encoder_round_trips_any_rgba(band_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segmentation, "PNG_BAND_BYTES", band_bytes)
     rng = np.random.default_rng(3)
-    for height, width in ((1, 1), (1, 7), (5, 1), (37, 53)):
+    for height, width in ((1, 1), (1, 7), (5, 1), (37, 53), (40, 3)):
         pixels = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
         data = encode_png(pixels)
         assert data.startswith(b"\x89PNG\r\n\x1a\n")
