@@ -14,6 +14,7 @@ re-compressed many times, and buyers see a poor listing. Three measurements:
 
 from __future__ import annotations
 
+import sys
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,9 +32,10 @@ def analysis_pixels(image: Image.Image) -> np.ndarray | None:
     ANALYSIS_SIDE on its longer side, as int16; None when that is thinner than 3 px.
 
     Grey first (a photo's grey copy is shared with other steps), then shrunk with Pillow's
-    antialiased bilinear filter computed by torch's uint8 kernel (within one grey level of
-    ``Image.resize(size, BILINEAR)``, about a third less CPU); a photo that fits is not
-    resized."""
+    antialiased bilinear filter: computed by torch's uint8 kernel (within one grey level of
+    ``Image.resize(size, BILINEAR)``, about a third less CPU) where a model step has already
+    imported torch, else by Pillow (a worker without model steps never loads torch); a photo
+    that fits is not resized."""
     scale = ANALYSIS_SIDE / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     if min(size) < 3:
@@ -41,7 +43,7 @@ def analysis_pixels(image: Image.Image) -> np.ndarray | None:
     grey = image if image.mode == "L" else image.convert("L")
     if grey.size == size:
         return np.asarray(grey, dtype=np.int16)
-    if size[0] > grey.width or size[1] > grey.height:  # enlarging (never for ANALYSIS_SIDE)
+    if size[0] > grey.width or size[1] > grey.height or "torch" not in sys.modules:
         return np.asarray(grey.resize(size, Image.Resampling.BILINEAR), dtype=np.int16)
     import torch
 

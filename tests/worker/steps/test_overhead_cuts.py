@@ -22,6 +22,8 @@ after it (checked below).
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -263,9 +265,17 @@ def test_analysis_pixels_are_pillows_bilinear_within_a_grey_level() -> None:
         scale = ANALYSIS_SIDE / max(grey.size)
         size = (round(grey.width * scale), round(grey.height * scale))
         pillow = np.asarray(grey.resize(size, Image.Resampling.BILINEAR) if scale < 1 else grey, dtype=np.int32)
-        pixels = analysis_pixels(photo)
+        pixels = analysis_pixels(photo)  # torch is imported here: its uint8 kernel
         assert pixels is not None and pixels.shape == pillow.shape
         assert np.abs(pixels - pillow).max() <= 1
+
+
+def test_quality_does_not_import_torch() -> None:
+    """Without a model step nothing imports torch: quality then shrinks with Pillow itself."""
+    code = ("import sys, numpy as np; from PIL import Image; from worker.fraud.quality import laplacian_variance; "
+            "v = laplacian_variance(Image.fromarray(np.random.default_rng(0).integers(0, 256, (900, 700), "
+            "dtype=np.uint8))); assert v is not None and 'torch' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[3])
 
 
 def test_laplacian_variance_of_the_grey_copy_is_near_that_of_before() -> None:
