@@ -30,6 +30,8 @@ an internal error. Idempotency rules live in ``worker.pipeline.store`` and
 from __future__ import annotations
 
 import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -413,7 +415,7 @@ def _analyze_batch(session: Session, image_ids: list[int], settings: Settings, m
         try:
             with Heartbeat(engine_of(session), [c.image_id for c in claims], claims[0].token,
                            settings.lease_seconds):
-                work = [(claim, _compute(claim, settings, retry_transient)) for claim in claims]
+                work = _compute_all(claims, settings, retry_transient)
             for outcome in _write_batch(session, work, settings):
                 done[outcome.image_id] = outcome
         except Exception as exc:
@@ -424,6 +426,35 @@ def _analyze_batch(session: Session, image_ids: list[int], settings: Settings, m
             _release_batch_quietly(session, claims)
             raise
     return [done[i] for i in image_ids]
+
+
+def _compute_all(claims: list[Claim], settings: Settings, retry_transient: bool) -> list[tuple[Claim, _Computed]]:
+    """Phase 2 for a message's images, in the claims' order: one at a time, or as many at
+    once as the model runtime batches (``_concurrency``), so that one message of a listing's
+    images fills the dynamic batcher as that many single-image tasks would."""
+    workers = _concurrency(settings, len(claims))
+    if workers <= 1:
+        return [(claim, _compute(claim, settings, retry_transient)) for claim in claims]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="analyze") as pool:
+        results = list(pool.map(lambda claim: _compute(claim, settings, retry_transient), claims))
+    return list(zip(claims, results, strict=True))
+
+
+def _concurrency(settings: Settings, images: int) -> int:
+    """Images of one message computed at once: the dynamic batch size where the runtime
+    batches forwards (``CATALOG_BATCH_MAX_SIZE``; by default 8 on CUDA, 1 on CPU, where one
+    image at a time measured faster). Without a model step in this process (torch never
+    imported) nothing batches, and the device is not probed: a metadata-only worker must not
+    import torch."""
+    if images <= 1:
+        return 1
+    if settings.batch_max_size is not None:
+        return max(1, min(images, settings.batch_max_size))
+    if settings.device == "cpu" or "torch" not in sys.modules:
+        return 1
+    from worker.models.runtime import batch_size
+
+    return max(1, min(images, batch_size(settings)))
 
 
 def _write_batch(session: Session, work: list[tuple[Claim, _Computed]], settings: Settings) -> list[ImageOutcome]:
