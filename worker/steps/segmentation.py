@@ -65,7 +65,7 @@ from worker.pipeline.contract import (
     Tag,
 )
 from worker.steps.base import ModelStep
-from worker.steps.colours import background_plainness, dominant_colours, sample_index
+from worker.steps.colours import background_plainness, dominant_colours, grid_positions
 
 try:  # ISA-L's deflate (the ``isal`` package): ~4x less CPU than zlib for the cutout PNG
     from isal import isal_zlib
@@ -82,10 +82,7 @@ FOREGROUND = 0.5  # mask probability above which a pixel is product
 BACKGROUND = 0.2  # below which it is background (the band between is the soft edge)
 MIN_FOREGROUND_SHARE = 0.002  # less than this is speckle, not a product
 # Box, colours and background are measured on a reduced copy at most this size (ctx.reduced, the
-# one tamper's error-level analysis uses too). Not smaller: the colours come from k-means on a
-# fixed-seed sample of the copy's foreground pixels, and a copy of another size draws another
-# sample, which names other colours on ~1 photo in 4 (at 512 px: 4 of 19 test photos, shares up
-# to 0.34 apart; another seed alone: 9 of 19).
+# one tamper's error-level analysis uses too).
 ANALYSIS_MAX_SIDE = 1024
 PNG_BAND_BYTES = 1 << 20  # filtered rows handed to zlib at a time by encode_png
 CUTOUT_PNG_LEVEL = 1  # cutout PNG: 0 = stored, 1-9 = compressed (ISA-L level 1, or zlib Z_RLE: 1-9 alike)
@@ -315,15 +312,13 @@ def analyse_mask(image: Image.Image, mask: np.ndarray, clusters: int) -> MaskAna
         binary = np.zeros_like(binary)
         share = 0.0
     box = main_object_box(binary) if share > 0 else None
-    # The colour functions draw a fixed-seed sample of the pixels they get; drawing it here
-    # from the pixels' positions gathers only the sample (the same pixels, bit for bit).
-    foreground = np.flatnonzero(binary)
-    background = np.flatnonzero(mask < BACKGROUND)
+    # Colours and background from the pixels on a regular grid over the copy (about
+    # SAMPLE_POINTS of each region): the same places of the photo whatever the copy's size.
     return MaskAnalysis(
         box=box,
         foreground_share=share,
-        colours=dominant_colours(pixels[foreground[sample_index(len(foreground))]], clusters),
-        background=background_plainness(pixels[background[sample_index(len(background))]]),
+        colours=dominant_colours(pixels[grid_positions(binary)], clusters),
+        background=background_plainness(pixels[grid_positions(mask < BACKGROUND)]),
     )
 
 
@@ -414,6 +409,14 @@ def write_cutout(image: Image.Image, mask: Mask, box: tuple[int, int, int, int],
 
 class SegmentationStep(ModelStep[Mask]):
     name: ClassVar[str] = "segmentation"
+    # The rules after the model's digest in the version: stored results change when they do.
+    # colours@2: colours from a grid over the analysis copy and a deterministic k-means start
+    # (they were from a seeded random sample and a k-means++ start, and flipped between
+    # equivalent runs); the colour tags and the background score of stored photos change once.
+    RULES: ClassVar[str] = "colours@2"
+
+    def version(self, settings: Settings) -> str:
+        return f"{self.model(settings).version}+{self.RULES}"
 
     def build(self, settings: Settings) -> VisionModel[Mask]:
         return build_segmenter(settings)

@@ -1,4 +1,4 @@
-"""Colours and the background score measured on a fixed-seed sample of at most
+"""Colours and the background score measured on an evenly spaced sample of at most
 ``SAMPLE_POINTS`` pixels (issue 14's overhead cuts) against every pixel, on real photos:
 the same colour names above the tag threshold, shares within 0.05, the same background
 colour and a plainness score within 0.03."""

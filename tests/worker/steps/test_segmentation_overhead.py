@@ -3,8 +3,9 @@ computation it replaced, written out here as it was, on real photos:
 
 * the main-object box (scipy labelling of the foreground's bounding rectangle) equals
   skimage's ``label``/``regionprops`` box exactly;
-* k-means in numpy gives the colours of the torch version (same names, shares within 0.002:
-  only the floating-point summation order differs);
+* k-means (deterministic start, colours@2) ends near the inertia of the best of eight
+  k-means++ starts, and the colours do not depend on the analysis copy's size or
+  resampler;
 * the shared analysis copy (``ctx.reduced``) has the pixels of the step's own copy before;
 * the cutout PNG (own encoder, fixed "Up" filter, transparent pixels stored as 0,0,0,0)
   decodes to the same alpha and the same visible pixels as the Pillow-encoded one.
@@ -26,8 +27,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from worker.config import load_settings
-from worker.models.common import fit_within
-from worker.pipeline.contract import ImageContext
+from worker.models.common import fit_within, resample_uint8
+from worker.pipeline.contract import ImageContext, StepUnavailable
 from worker.steps import colours, segmentation
 from worker.steps.segmentation import (
     ANALYSIS_MAX_SIDE,
@@ -138,15 +139,69 @@ def test_main_object_box_is_the_regionprops_box() -> None:
 
 
 @pytest.mark.parametrize("name", PHOTOS)
-def test_kmeans_colours_are_those_of_the_torch_version(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kmeans_ends_near_the_best_of_eight_random_starts(name: str) -> None:
+    """The deterministic start (principal-axis splits) against k-means++ from eight random
+    starts, keeping the lowest inertia: the same optimum on most of these unmasked photo
+    halves, 11 % and 25 % above it on two (coffee, rocket), so within 30 % here (on the
+    products of docs/performance.md: the same on 12 of 18, at most 4.8 % above it)."""
     pixels = np.asarray(_photo(name, 0.3)).reshape(-1, 3)
     for part, k in ((pixels[: len(pixels) // 2], CLUSTERS), (pixels[len(pixels) // 2:], CLUSTERS), (pixels, 2)):
-        new = _named(colours.dominant_colours(part, k))
-        with monkeypatch.context() as patch:
-            patch.setattr(colours, "kmeans", _old_kmeans)
-            old = _named(colours.dominant_colours(part, k))
-        assert set(new) == set(old), (old, new)
-        assert all(abs(new[c] - old[c]) <= 0.002 for c in old), (old, new)
+        lab = colours.rgb_to_lab(colours.sample(part, colours.SAMPLE_POINTS))
+
+        def inertia(centres: torch.Tensor, assign: torch.Tensor, lab: torch.Tensor = lab) -> float:
+            return float((lab - centres[assign]).square().sum())
+
+        best = min(inertia(*_old_kmeans(lab, k, seed=seed)) for seed in range(8))
+        assert inertia(*colours.kmeans(lab, k)) <= 1.3 * best
+
+
+def _colours_on(copy: Image.Image, mask: Mask) -> dict[str, float]:
+    return _named(analyse_mask(copy, mask.resized(*copy.size), CLUSTERS).colours)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_colours_do_not_depend_on_the_copy_size_or_the_resampler(name: str) -> None:
+    """colours@2: the analysis copy at 1024 px (the step's), at 512 px, and resized by torch's
+    uint8 kernels instead of Pillow's name the same colours above the tag threshold, shares
+    within 0.03 (k-means++ on a seeded random sample named other colours on 4 of 19 photos at
+    512 px, shares up to 0.36 apart)."""
+    photo = _photo(name)
+    mask = _soft_mask(photo.size, 5)
+    copy = fit_within(photo, ANALYSIS_MAX_SIDE)[0]
+    step = _colours_on(copy, mask)
+    half = _colours_on(fit_within(photo, ANALYSIS_MAX_SIDE // 2)[0], mask)
+    torch_copy = Image.fromarray(resample_uint8(photo, copy.size).permute(1, 2, 0).numpy())
+    other = _colours_on(torch_copy, mask)
+    for variant in (half, other):
+        assert {c for c, s in step.items() if s >= MIN_SHARE} == {c for c, s in variant.items() if s >= MIN_SHARE}
+        assert all(abs(step.get(c, 0.0) - variant.get(c, 0.0)) <= 0.03 for c in step | variant), (step, variant)
+
+
+def test_grid_positions_are_a_grid_over_the_region() -> None:
+    region = np.zeros((300, 400), dtype=bool)
+    region[50:250, 100:300] = True  # 40,000 pixels
+    small = colours.grid_positions(region, 50_000)
+    assert np.array_equal(small, np.flatnonzero(region))  # fewer pixels than points: all of them
+    picked = colours.grid_positions(region, 4000)
+    assert 3600 <= len(picked) <= 4400 and region.ravel()[picked].all()
+    assert len(np.unique(picked)) == len(picked)
+    rows, cols = np.divmod(picked, 400)
+    assert len(np.unique(rows)) * len(np.unique(cols)) == len(picked)  # a grid: every row x column
+    # On a copy twice the size the grid falls on the same places (within a pixel of the copy).
+    large = colours.grid_positions(np.repeat(np.repeat(region, 2, 0), 2, 1), 4000)
+    assert len(large) == len(picked)
+    assert np.abs(np.divmod(large, 800)[0] / 2 - rows).max() <= 1
+    assert np.array_equal(colours.grid_positions(region, 4000), picked)  # no seed
+
+
+def test_segmentation_version_names_its_colour_rules(tmp_path: Path) -> None:
+    """Stored colour tags changed with colours@2: the version says so after the model's
+    digest, so unchanged photos are analysed again (worker.pipeline.analyze._wanted_runs)."""
+    try:
+        version = segmentation.SegmentationStep().version(load_settings(device="cpu", data_dir=tmp_path))
+    except StepUnavailable:
+        pytest.skip("u2netp weights are not installed here")
+    assert version.startswith("u2netp@") and version.endswith("+colours@2") and len(version) <= 128
 
 
 @pytest.mark.parametrize("size", [(1225, 816), (998, 999), (2000, 1500), (4000, 3000), (700, 1400)])
