@@ -429,7 +429,8 @@ class Settings(BaseSettings):
         True,
         description="Deflate the cutout PNG (ISA-L: ~2-4 ms of CPU per megapixel of cutout; "
         "~10-16 ms with stdlib zlib where the isal package is missing). false: stored without "
-        "compression (~1-2 ms, files ~3x larger); the same pixels.",
+        "compression, the same pixels in files 5-18x larger; with ISA-L no faster (~3 ms, "
+        "the copy and checksums), so only worth it without isal.",
     )
 
     # --- super-resolution (worker/superres.py; see docs/superres.md) ------------------------
