@@ -85,22 +85,27 @@ def split_centres(data: np.ndarray, k: int) -> np.ndarray:
     across its principal axis, through its mean. The starts are the groups' means (fewer
     than ``k`` when the points hold fewer distinct colours). Unlike a k-means++ draw, this
     moves little when the points move little, so Lloyd's iterations end in the same optimum."""
-    groups = [np.arange(len(data))]
-    spread = [float(np.square(data - data.mean(0)).sum())]
+    planar = np.ascontiguousarray(data.T, dtype=np.float64)  # (3, n): a contiguous row per channel
+
+    def group(members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(members, mean, centred points (3, m), sum of squared distances to the mean)."""
+        points = planar[:, members]
+        mean = points.mean(1)
+        points -= mean[:, None]
+        return members, mean, points, float(np.einsum("ij,ij->", points, points))
+
+    groups = [group(np.arange(planar.shape[1]))]
     while len(groups) < k:
-        worst = int(np.argmax(spread))
-        if spread[worst] <= 0.0:
+        worst = max(range(len(groups)), key=lambda i: groups[i][3])  # the first of equals
+        members, _, centred, spread = groups[worst]
+        if spread <= 0.0:
             break
-        members = groups[worst]
-        centred = data[members] - data[members].mean(0)
-        axis = np.linalg.eigh(centred.T.astype(np.float64) @ centred)[1][:, -1]
-        side = centred @ axis > 0
+        axis = np.linalg.eigh(centred @ centred.T)[1][:, -1]  # principal axis
+        side = axis @ centred > 0
         if side.all() or not side.any():
             break
-        halves = [members[~side], members[side]]
-        groups[worst:worst + 1] = halves
-        spread[worst:worst + 1] = [float(np.square(data[h] - data[h].mean(0)).sum()) for h in halves]
-    return np.stack([data[g].mean(0) for g in groups]).astype(np.float32)
+        groups[worst:worst + 1] = [group(members[~side]), group(members[side])]
+    return np.stack([g[1] for g in groups]).astype(np.float32)
 
 
 def _lloyd(data: np.ndarray, planar: np.ndarray, centres: np.ndarray,
