@@ -138,6 +138,7 @@ def test_main_object_box_is_the_regionprops_box() -> None:
         assert main_object_box(mask >= 0.5) == _old_box(mask >= 0.5)
 
 
+@pytest.mark.slow  # the reference: 24 torch k-means runs per photo (0.3-2 s quiet, up to 7 s loaded)
 @pytest.mark.parametrize("name", PHOTOS)
 def test_kmeans_ends_near_the_best_of_eight_random_starts(name: str) -> None:
     """The deterministic start (principal-axis splits) against k-means++ from eight random
