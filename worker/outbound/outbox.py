@@ -53,16 +53,45 @@ def failure_code(error: str | None) -> str | None:
     return code.strip() if sep else None
 
 
+#: The image columns a ``listing.processed`` payload reports (and the listing's finish reads).
+IMAGE_COLUMNS = (m.Image.id, m.Image.position, m.Image.url, m.Image.status, m.Image.complete, m.Image.error)
+#: The flag columns the payload reports (and the fraud score reads: kind, score, status).
+FLAG_COLUMNS = (m.Flag.id, m.Flag.kind, m.Flag.score, m.Flag.status, m.Flag.image_id, m.Flag.model_version)
+
+
+def listing_images(session: Session, listing_id: int) -> list[Any]:
+    """The listing's images as rows of :data:`IMAGE_COLUMNS`, by position then id (plain rows,
+    not ORM objects: the finish of a listing reads them once for the pending check, the
+    decision and the payload). Flush first: the rows are read as the database has them."""
+    return list(session.execute(select(*IMAGE_COLUMNS).where(m.Image.listing_id == listing_id)
+                                .order_by(m.Image.position, m.Image.id)))
+
+
+def listing_flags(session: Session, listing_id: int) -> list[Any]:
+    """The listing's flags as rows of :data:`FLAG_COLUMNS`, in the database's order (the order
+    the fraud score always read them in; the payload sorts them by id)."""
+    return list(session.execute(select(*FLAG_COLUMNS).where(m.Flag.listing_id == listing_id)))
+
+
 def build_listing_processed(session: Session, listing: m.Listing, reason: str,
-                            event_id: str | None = None) -> dict[str, Any]:
-    """The event's JSON from what is stored now (validated against the published schema)."""
+                            event_id: str | None = None, *, images: list[Any] | None = None,
+                            flags: list[Any] | None = None) -> dict[str, Any]:
+    """The event's JSON from what is stored now (validated against the published schema).
+
+    ``images``/``flags``: rows of :func:`listing_images`/:func:`listing_flags` the caller read
+    in this transaction after its last change to them (the listing's finish reads them once for
+    the score, the decision and this payload); read here when not given."""
     if reason not in REASONS:
         raise ValueError(f"reason must be one of {REASONS}, not {reason!r}")
     session.flush()
-    images = session.scalars(select(m.Image).where(m.Image.listing_id == listing.id)
-                             .order_by(m.Image.position, m.Image.id)).all()
-    tags = session.scalars(select(m.Tag).where(m.Tag.listing_id == listing.id).order_by(m.Tag.id)).all()
-    flags = session.scalars(select(m.Flag).where(m.Flag.listing_id == listing.id).order_by(m.Flag.id)).all()
+    if images is None:
+        images = listing_images(session, listing.id)
+    if flags is None:
+        flags = listing_flags(session, listing.id)
+    tags = session.execute(
+        select(m.Tag.name, m.Tag.score, m.Tag.source, m.Tag.image_id, m.Tag.model_version)
+        .where(m.Tag.listing_id == listing.id).order_by(m.Tag.id)
+    ).all()
     runs = session.execute(
         select(m.StepRunRecord.step, m.StepRunRecord.model_version).distinct()
         .join(m.Image, m.Image.id == m.StepRunRecord.image_id).where(m.Image.listing_id == listing.id)
@@ -89,24 +118,26 @@ def build_listing_processed(session: Session, listing: m.Listing, reason: str,
         "tags": [{"name": tag.name, "score": tag.score, "source": tag.source, "image_id": tag.image_id,
                   "model_version": tag.model_version} for tag in tags],
         "flags": [{"id": flag.id, "kind": flag.kind, "score": flag.score, "status": flag.status,
-                   "image_id": flag.image_id, "model_version": flag.model_version} for flag in flags],
+                   "image_id": flag.image_id, "model_version": flag.model_version}
+                  for flag in sorted(flags, key=lambda flag: flag.id)],
         "model_versions": {step: sorted(found) for step, found in sorted(versions.items())},
     }
     validate_payload(payload)
     return payload
 
 
-def record_listing_event(session: Session, listing: m.Listing, settings: Settings, reason: str) -> str | None:
+def record_listing_event(session: Session, listing: m.Listing, settings: Settings, reason: str, *,
+                         images: list[Any] | None = None, flags: list[Any] | None = None) -> str | None:
     """Add a ``listing.processed`` row to the outbox in the caller's transaction; return its
     event id, or None when nothing was recorded (no target configured, or this completion was
-    already recorded).
+    already recorded). ``images``/``flags``: as for :func:`build_listing_processed`.
 
     A ``processed`` event is recorded once per completion: its dedupe key is the listing and
     the listing event that led to the completion, inserted with ON CONFLICT DO NOTHING (a
     redelivered image that finds its listing done again records nothing, and never fails)."""
     if not outbound_enabled(settings):
         return None
-    payload = build_listing_processed(session, listing, reason)
+    payload = build_listing_processed(session, listing, reason, images=images, flags=flags)
     dedupe_key = None
     if reason == "processed":
         completion = listing.last_event_id or iso(listing.processed_at) or payload["event_id"]

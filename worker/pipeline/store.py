@@ -33,7 +33,7 @@ from worker.fraud.champion import champion_fraud_score
 from worker.fraud.score import FraudScore
 from worker.io.hashing import to_signed64
 from worker.io.load import LoadedImage
-from worker.outbound.outbox import record_listing_event
+from worker.outbound.outbox import listing_flags, listing_images, record_listing_event
 from worker.pipeline.contract import StepRun
 
 log = logging.getLogger(__name__)
@@ -197,49 +197,66 @@ def finish_image(session: Session, image: m.Image, *, status: str, error: str | 
 
 def finish_listing_if_complete(session: Session, listing_id: int, settings: Settings,
                                listing: m.Listing | None = None) -> bool:
-    """``listing``: the row, when this transaction already locked it (else it is locked here)."""
+    """``listing``: the row, when this transaction already locked it (else it is locked here).
+
+    The listing's images and flags are read once each (plain rows) and serve the pending check,
+    the fraud score, the decision and the ``listing.processed`` payload; the listing row is
+    written by one UPDATE (status, time, score and decision together)."""
     if listing is None or listing.id != listing_id:
         listing = lock_listing(session, listing_id)
     if listing.status in ("done", "deleted"):
         return listing.status == "done"
-    pending = session.execute(
-        select(func.count()).select_from(m.Image)
-        .where(m.Image.listing_id == listing_id, m.Image.status == "pending")
-    ).scalar_one()
-    if pending:
+    session.flush()  # the images as this transaction left them
+    images = listing_images(session, listing_id)
+    if any(image.status == "pending" for image in images):
         return False
+    flags = listing_flags(session, listing_id)  # before the listing changes: no flush of it here
     listing.status = "done"
     listing.processed_at = m.utcnow()
-    update_fraud_score(session, listing, settings)
+    update_fraud_score(session, listing, settings, images=images, flags=flags)
     # listing.processed, in this transaction: it commits with the final state or not at all.
-    record_listing_event(session, listing, settings, "processed")
+    record_listing_event(session, listing, settings, "processed", images=images, flags=flags)
     return True
 
 
-def listing_fraud_score(session: Session, listing_id: int, settings: Settings) -> FraudScore:
+def listing_fraud_score(session: Session, listing_id: int, settings: Settings,
+                        flags: list[Any] | None = None) -> FraudScore:
     """Read the flags of all the listing's images and combine them (the pure rules are in
     worker/fraud/score.py) with the fraud-scorer champion's learnt weights when one is promoted,
     else CATALOG_FRAUD_WEIGHTS (worker/fraud/champion.py). The listings table has no column
-    for the weights' version, so it is logged with the score."""
-    session.flush()
-    flags = session.execute(select(m.Flag).where(m.Flag.listing_id == listing_id)).scalars().all()
+    for the weights' version, so it is logged with the score. ``flags``: rows of
+    :func:`worker.outbound.outbox.listing_flags` read by the caller in this transaction."""
+    if flags is None:
+        session.flush()
+        flags = listing_flags(session, listing_id)
     result, version = champion_fraud_score(flags, settings)
     log.info("listing %s: fraud score %.4f (%s) with %s", listing_id, result.score, result.decision, version)
     return result
 
 
-def update_fraud_score(session: Session, listing: m.Listing, settings: Settings) -> None:
+def update_fraud_score(session: Session, listing: m.Listing, settings: Settings, *,
+                       images: list[Any] | None = None, flags: list[Any] | None = None) -> None:
     """Store the listing's current fraud score and decision (the listing is locked).
 
     The score combines the flags found. The decision is the score's (``ok``/``review``/``hold``),
     except that ``ok`` becomes ``incomplete`` while some image is not fully analysed (failed,
     pending, or done with a step that failed, was unavailable or was skipped): what nobody
-    looked at is never vouched for. A ``review`` or ``hold`` stands either way."""
-    result = listing_fraud_score(session, listing.id, settings)
+    looked at is never vouched for. A ``review`` or ``hold`` stands either way.
+    ``images``/``flags``: rows of :func:`worker.outbound.outbox.listing_images`/``listing_flags``
+    the caller read in this transaction after its last change to them (read here when not given)."""
+    result = listing_fraud_score(session, listing.id, settings, flags=flags)
     decision = result.decision
-    if decision == "ok" and unanalysed_images(session, listing.id):
-        decision = "incomplete"
+    if decision == "ok":
+        unanalysed = (sum(1 for image in images if not fully_analysed(image.status, image.complete))
+                      if images is not None else unanalysed_images(session, listing.id))
+        if unanalysed:
+            decision = "incomplete"
     listing.fraud_score, listing.fraud_decision = result.score, decision
+
+
+def fully_analysed(status: str, complete: bool | None) -> bool:
+    """The rule of :func:`unanalysed_images` for one image's values."""
+    return status == "done" and (complete is None or complete is True)
 
 
 def unanalysed_images(session: Session, listing_id: int) -> int:

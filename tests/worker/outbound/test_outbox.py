@@ -191,3 +191,115 @@ def test_published_schema_file_is_the_code_and_the_cli_prints_both() -> None:
     results = runner.invoke(main, ["events-schema", "--results"])
     assert results.exit_code == 0 and json.loads(results.output) == results_schema()
     assert "--results" in runner.invoke(main, ["events-schema", "--help"]).output
+
+
+def _reference_payload(session, listing: m.Listing, reason: str, event_id: str) -> dict:
+    """The payload as the builder made it before it read plain rows (ORM objects, four
+    SELECTs of its own): the new builder must produce the same bytes for the same state."""
+    from worker.outbound.outbox import iso
+    from worker.outbound.schema import EVENT_TYPE, SCHEMA_VERSION
+
+    session.flush()
+    images = session.scalars(select(m.Image).where(m.Image.listing_id == listing.id)
+                             .order_by(m.Image.position, m.Image.id)).all()
+    tags = session.scalars(select(m.Tag).where(m.Tag.listing_id == listing.id).order_by(m.Tag.id)).all()
+    flags = session.scalars(select(m.Flag).where(m.Flag.listing_id == listing.id).order_by(m.Flag.id)).all()
+    runs = session.execute(
+        select(m.StepRunRecord.step, m.StepRunRecord.model_version).distinct()
+        .join(m.Image, m.Image.id == m.StepRunRecord.image_id).where(m.Image.listing_id == listing.id)).all()
+    versions: dict[str, list[str]] = {}
+    for step, version in runs:
+        versions.setdefault(step, []).append(version)
+    return {
+        "schema_version": SCHEMA_VERSION, "event_id": event_id, "type": EVENT_TYPE, "reason": reason,
+        "occurred_at": iso(m.utcnow()), "source_event_id": listing.last_event_id,
+        "listing": {"id": listing.external_id, "internal_id": listing.id, "seller_id": listing.seller_id,
+                    "category": listing.category, "status": listing.status},
+        "processed_at": iso(listing.processed_at), "decision": listing.fraud_decision,
+        "fraud_score": listing.fraud_score,
+        "images": [{"id": i.id, "position": i.position, "url": i.url, "status": i.status, "complete": i.complete,
+                    "failure_code": failure_code(i.error) if i.status == "failed" else None,
+                    "error": i.error if i.status == "failed" else None} for i in images],
+        "tags": [{"name": t.name, "score": t.score, "source": t.source, "image_id": t.image_id,
+                  "model_version": t.model_version} for t in tags],
+        "flags": [{"id": f.id, "kind": f.kind, "score": f.score, "status": f.status, "image_id": f.image_id,
+                   "model_version": f.model_version} for f in flags],
+        "model_versions": {step: sorted(found) for step, found in sorted(versions.items())},
+    }
+
+
+def test_payload_bytes_are_those_of_the_orm_builder(env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builder reads plain rows (once per finish, shared with the fraud score): for the same
+    state it encodes exactly the bytes the ORM-object builder did -- failed and done images,
+    several flags (one reviewed, so not in insertion order), tags, model versions, both reasons."""
+    from datetime import UTC, datetime
+
+    from worker.outbound.outbox import encode, listing_flags, listing_images
+
+    tmp, listing = env["tmp"], unique("L")
+    finish(env, listing, [photo(tmp / "b.png", colour=(0, 90, 0)), photo(tmp / "a.png"), str(tmp / "missing.png")])
+    fixed = datetime(2026, 11, 30, 6, 0, 0, 123456, tzinfo=UTC)
+    monkeypatch.setattr(m, "utcnow", lambda: fixed)
+    with transaction(env["url"]) as session:
+        row = session.scalars(select(m.Listing).where(m.Listing.external_id == listing)).one()
+        flag_ids = sorted(session.scalars(select(m.Flag.id).where(m.Flag.listing_id == row.id)))
+        assert len(flag_ids) >= 2
+        session.add(m.Tag(listing_id=row.id, image_id=None, name="zz", score=0.25, source="category",
+                          model_version="head@1"))
+        session.add(m.Tag(listing_id=row.id, image_id=None, name="aa", score=1 / 3, source="category",
+                          model_version="head@1"))
+        session.get_one(m.Flag, flag_ids[0]).status = "confirmed"  # an UPDATE moves the row on Postgres
+        session.flush()
+        for reason in ("processed", "rescored"):
+            new = build_listing_processed(session, row, reason, "0b7c8c8e-5b1e-4a59-9d43-6f0f2f1c1e11")
+            old = _reference_payload(session, row, reason, "0b7c8c8e-5b1e-4a59-9d43-6f0f2f1c1e11")
+            assert encode(new) == encode(old)
+            again = build_listing_processed(session, row, reason, "0b7c8c8e-5b1e-4a59-9d43-6f0f2f1c1e11",
+                                            images=listing_images(session, row.id),
+                                            flags=listing_flags(session, row.id))
+            assert encode(again) == encode(old)
+        assert [f["id"] for f in new["flags"]] == flag_ids and len(new["tags"]) >= 2
+        assert [i["status"] for i in new["images"]] == ["done", "done", "failed"]
+        session.rollback()
+
+
+def test_fraud_score_and_decision_from_rows_are_those_from_orm_flags(env: dict) -> None:
+    """The finish scores the flag rows it read once for the payload: the same score, decision
+    and contributions as the ORM flags it used to load, whatever the flags' kinds and verdicts;
+    ``incomplete`` from the image rows as from the SQL count."""
+    from worker.fraud.champion import champion_fraud_score
+    from worker.outbound.outbox import listing_flags, listing_images
+    from worker.pipeline.store import unanalysed_images, update_fraud_score
+
+    tmp, listing = env["tmp"], unique("L")
+    finish(env, listing, [photo(tmp / "a.png"), photo(tmp / "b.png", colour=(0, 90, 0))])
+    settings = get_settings()
+    with transaction(env["url"]) as session:
+        row = session.scalars(select(m.Listing).where(m.Listing.external_id == listing)).one()
+        image_ids = sorted(session.scalars(select(m.Image.id).where(m.Image.listing_id == row.id)))
+        for kind, score, status in (("contact_info", 0.9, "open"), ("contact_info", 0.4, "dismissed"),
+                                    ("stolen_photo", 0.3, "confirmed"), ("tampered", 0.55, "open")):
+            session.add(m.Flag(listing_id=row.id, image_id=image_ids[0], kind=kind, score=score, status=status,
+                               evidence={}, model_version="x@1"))
+        session.flush()
+        orm_flags = session.scalars(select(m.Flag).where(m.Flag.listing_id == row.id)).all()
+        by_orm, _ = champion_fraud_score(orm_flags, settings)
+        by_rows, _ = champion_fraud_score(listing_flags(session, row.id), settings)
+        assert by_rows == by_orm and list(by_rows.contributions) == list(by_orm.contributions)
+        decisions = set()
+        for dismiss, complete in ((False, True), (False, False), (True, True), (True, False)):
+            if dismiss:  # every verdict "dismissed": ok, or incomplete with an unanalysed image
+                for flag in orm_flags:
+                    flag.status = "dismissed"
+            session.get_one(m.Image, image_ids[1]).complete = complete
+            session.flush()
+            images = listing_images(session, row.id)
+            assert sum(1 for i in images if not (i.status == "done" and i.complete in (None, True))) \
+                == unanalysed_images(session, row.id)
+            update_fraud_score(session, row, settings)
+            expected = (row.fraud_score, row.fraud_decision)
+            update_fraud_score(session, row, settings, images=images, flags=listing_flags(session, row.id))
+            assert (row.fraud_score, row.fraud_decision) == expected
+            decisions.add(row.fraud_decision)
+        assert {"ok", "incomplete"} <= decisions and len(decisions) == 3
+        session.rollback()

@@ -18,10 +18,12 @@ from sqlalchemy import select
 from db import models as m
 from db.session import get_engine, session_factory
 from tests.support.pipeline import analyze_all, apply, count, event, photo
-from tests.support.services import unique
+from tests.support.services import REDIS_URL, unique
 
 #: Statements of a first analysis with only the metadata step (BEGIN/COMMIT not counted).
 FIRST_ANALYSIS_MAX = 12
+#: The same for the listing's last image, which also finishes the listing (fraud score, outbox).
+FINISHING_ANALYSIS_MAX = 16
 
 
 @contextmanager
@@ -40,7 +42,8 @@ def counted(url: str) -> Iterator[list[str]]:
 
 
 def test_first_analysis_statement_count(db_url: str, tmp_path: Path, make_settings) -> None:
-    settings = make_settings(database_url=db_url, steps=["metadata"])
+    # a results stream configured: the finish records listing.processed (nothing is published here)
+    settings = make_settings(database_url=db_url, steps=["metadata"], results_redis_url=REDIS_URL)
     out = apply(db_url, event(unique("L"), [photo(tmp_path / "a.png"), photo(tmp_path / "b.png", (0, 90, 0))]))
     first, second = out.images_to_analyze
     with counted(db_url) as statements:
@@ -56,6 +59,16 @@ def test_first_analysis_statement_count(db_url: str, tmp_path: Path, make_settin
     # The listing's last image: it also finishes the listing (status, fraud score, outbox row).
     with counted(db_url) as statements:
         assert analyze_all(db_url, settings, [second])[0].status == "done"
+    kinds = [k for k in (s.split(None, 1)[0] for s in statements)
+             if k not in ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")]
+    # The finish reads the images and the flags once each (pending check, score, decision and
+    # the payload share them), writes the listing row once, then the payload's tags and model
+    # versions and the outbox row.
+    assert sum(s.startswith("UPDATE LISTINGS") for s in statements) == 1, statements
+    assert sum(s.startswith("SELECT FLAGS") for s in statements) == 1, statements
+    assert sum(s.startswith("SELECT IMAGES.ID, IMAGES.POSITION") for s in statements) == 1, statements
+    assert sum(s.startswith("INSERT INTO OUTBOX_EVENTS") for s in statements) == 1, statements
+    assert len(kinds) <= FINISHING_ANALYSIS_MAX, " ".join(kinds)
     with session_factory(db_url)() as session:
         img = session.get_one(m.Image, first)
         assert img.phash is not None and img.dhash is not None and img.processed_at is not None
