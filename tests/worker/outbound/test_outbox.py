@@ -303,3 +303,30 @@ def test_fraud_score_and_decision_from_rows_are_those_from_orm_flags(env: dict) 
             decisions.add(row.fraud_decision)
         assert {"ok", "incomplete"} <= decisions and len(decisions) == 3
         session.rollback()
+
+
+def test_relay_counts_a_failed_publish_and_marks_rows_without_a_stream(env: dict) -> None:
+    """Redis unreachable: the row stays unpublished with the attempt and the error counted;
+    the next relay publishes it and clears the error. With the stream off (a webhook only) a
+    row is marked published without an entry."""
+    listing = unique("L")
+    finish(env, listing, [photo(env["tmp"] / "a.png")])
+    down = relay(load_settings(results_redis_url="redis://127.0.0.1:1/0"))
+    assert down.failed >= 1 and down.error and "results stream" in down.error
+    (row,) = outbox_rows(env["url"], listing)
+    assert row.published_at is None and row.attempts == 1 and row.last_error == down.error[:2000]
+    up = relay(get_settings())
+    assert up.published >= 1 and up.error is None
+    (row,) = outbox_rows(env["url"], listing)
+    assert row.published_at is not None and row.attempts == 2 and row.last_error is None and row.stream_id
+    entries = [f for _id, f in env["redis"].xrange(env["stream"]) if f[b"event_id"].decode() == row.event_id]
+    assert [json.loads(f[b"event"]) for f in entries] == [row.payload]
+
+    other = unique("L")
+    off = load_settings(results_redis_url="off", webhook_url="https://shop.example/hook", webhook_secret="s3cret")
+    outcome = apply(env["url"], event(other, [photo(env["tmp"] / "b.png", colour=(0, 90, 0))]))
+    analyze_all(env["url"], off, outcome.images_to_analyze)
+    report = relay(off)
+    (row,) = outbox_rows(env["url"], other)
+    assert report.error is None and row.published_at is not None and row.stream_id is None
+    assert row.id in report.webhook_ids and row.webhook_status == "queued"
