@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from db import models as m
 from worker.config import get_settings
@@ -69,8 +70,10 @@ def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
         return _redelivered(session, event)
 
     # Make sure the listing row exists, then lock it: concurrent events for one listing
-    # apply one after the other.
-    session.execute(
+    # apply one after the other. A listing this INSERT creates comes back from it (an inserted
+    # row is locked by its transaction until the commit) and has no images yet; an existing one
+    # is locked by the SELECT ... FOR UPDATE.
+    listing = session.execute(
         _insert(session, m.Listing)
         .values(
             external_id=event.listing.id,
@@ -82,10 +85,14 @@ def apply_event(session: Session, event: ListingEvent) -> EventOutcome:
             updated_at=m.utcnow(),
         )
         .on_conflict_do_nothing(index_elements=["external_id"])
-    )
-    listing = session.execute(
-        select(m.Listing).where(m.Listing.external_id == event.listing.id).with_for_update()
-    ).scalar_one()
+        .returning(m.Listing)
+    ).scalar_one_or_none()
+    if listing is not None:
+        set_committed_value(listing, "images", [])  # new: nothing to load
+    else:
+        listing = session.execute(
+            select(m.Listing).where(m.Listing.external_id == event.listing.id).with_for_update()
+        ).scalar_one()
 
     if listing.last_event_at is not None and _aware(listing.last_event_at) > event.occurred_at:
         session.execute(
