@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import threading
 import time
 
 from worker.config import Settings
@@ -61,10 +63,36 @@ def validate_steps(names: list[str]) -> None:
             raise ValueError(f"unknown step {name!r}; known steps: {', '.join(sorted(STEP_REGISTRY))}")
 
 
+_blas_limited: int | None = None  # the pid whose BLAS pool was limited
+_blas_lock = threading.Lock()
+
+
+def limit_blas_threads() -> None:
+    """One BLAS thread in this process, unless ``OPENBLAS_NUM_THREADS`` (or ``OMP_NUM_THREADS``,
+    ``MKL_NUM_THREADS``) says otherwise. The steps' numpy matrix products are small (hash
+    reductions, k-means over 8192 points): OpenBLAS's default pool of one thread per core made
+    them 5-10x slower in wall time on 2 cores (waking and spinning threads for products of a
+    few hundred rows) and competes with the models' own threads and the other worker
+    processes. Parallelism comes from worker processes and the models' intra-op threads.
+    Once per process (a forked pool child limits its own)."""
+    global _blas_limited
+    if _blas_limited == os.getpid():
+        return
+    with _blas_lock:
+        if _blas_limited == os.getpid():
+            return
+        if not any(os.environ.get(var) for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=1, user_api="blas")
+        _blas_limited = os.getpid()
+
+
 def run_steps(ctx: ImageContext, names: list[str]) -> list[StepRun]:
     """Run the configured steps in order. A failing or unavailable step is recorded and the
     next one still runs; steps whose requirements did not succeed are skipped. No database
     is involved: the caller runs this with no transaction open."""
+    limit_blas_threads()
     runs: list[StepRun] = []
     settings = ctx.settings
     for name in names:
