@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default="metadata")
     parser.add_argument("--megapixels", type=float, default=1.0)
     parser.add_argument("--profile", type=Path, metavar="DIR")
+    parser.add_argument("--sample", type=Path, metavar="DIR",
+                        help="a sampling CPU profile of every pool process (DIR/<pid>.samples.json): "
+                        "shares as in an unprofiled run, unlike --profile's cProfile")
     parser.add_argument("--repeat", type=int, default=1, help="bursts in the same cluster (each reported)")
     parser.add_argument("--threads", type=int, help="CATALOG_TORCH_THREADS (default: cores / processes)")
     parser.add_argument("--images-per-task", type=int, help="CATALOG_IMAGES_PER_TASK (default: the setting's)")
@@ -302,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         os.environ["BENCH_PROFILE_DIR"] = str(args.profile.resolve())
+    if args.sample:
+        args.sample.mkdir(parents=True, exist_ok=True)
+        os.environ["BENCH_SAMPLE_DIR"] = str(args.sample.resolve())
     with tempfile.TemporaryDirectory(prefix="bench-e2e-photos-") as tmp:
         photos = common.write_photos(Path(tmp) / "photos", 64, args.megapixels)
         steps = [s.strip() for s in args.steps.split(",") if s.strip()]
