@@ -127,8 +127,12 @@ def measure(images: int = 8, steps: Sequence[str] | None = None, repeat: int = 1
     torch.set_num_threads(1)
     from worker.config import load_settings
     from worker.io.decode import decode_image
+    from worker.pipeline import registry
     from worker.pipeline.contract import ImageContext, StepUnavailable
     from worker.pipeline.registry import get_step
+
+    if hasattr(registry, "limit_blas_threads"):  # as the worker runs its steps (older trees: not)
+        registry.limit_blas_threads()
 
     workdir = Path(tempfile.mkdtemp(prefix="overhead-ab-"))
     settings = load_settings(data_dir=workdir, device="cpu", torch_threads=1, batch_max_size=1,
