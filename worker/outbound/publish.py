@@ -18,10 +18,10 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any
 
 import redis
-from sqlalchemy import Table, and_, bindparam, delete, or_, select, update
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session
 
 from db import models as m
@@ -56,8 +56,7 @@ def _client(url: str) -> redis.Redis:
         return client
 
 
-def stream_fields(row: Any) -> dict[str, str]:
-    """The stream entry's fields of an outbox row (an ``OutboxEvent`` or a row of its columns)."""
+def stream_fields(row: m.OutboxEvent) -> dict[str, str]:
     return {"event": encode(row.payload), "event_id": row.event_id, "type": row.type}
 
 
@@ -74,26 +73,18 @@ def relay(settings: Settings, *, limit: int = BATCH) -> RelayReport:
     return report
 
 
-#: What the relay reads of a row: plain rows and Core UPDATEs, not ORM objects and a flush
-#: (the relay runs after every listing's finish; the ORM's bookkeeping cost more than the SQL).
-_PUBLISH_COLUMNS = (m.OutboxEvent.id, m.OutboxEvent.payload, m.OutboxEvent.event_id, m.OutboxEvent.type,
-                    m.OutboxEvent.reason, m.OutboxEvent.listing_external_id)
-_outbox = cast(Table, m.OutboxEvent.__table__)
-
-
 def _publish(session: Session, settings: Settings, limit: int, report: RelayReport) -> None:
-    rows = session.execute(
-        select(*_PUBLISH_COLUMNS).where(m.OutboxEvent.published_at.is_(None)).order_by(m.OutboxEvent.id)
+    rows = session.scalars(
+        select(m.OutboxEvent).where(m.OutboxEvent.published_at.is_(None)).order_by(m.OutboxEvent.id)
         .limit(limit).with_for_update(skip_locked=True)
     ).all()
     if not rows:
         return
     url = settings.effective_results_redis_url
     now = m.utcnow()
-    ids = [row.id for row in rows]
-    conn = session.connection()
     if url is None:  # the stream is off (the rows are there for the webhook): nothing owed to it
-        conn.execute(update(_outbox).where(_outbox.c.id.in_(ids)).values(published_at=now))
+        for row in rows:
+            row.published_at = now
         return
     try:
         pipe = _client(url).pipeline(transaction=False)
@@ -101,23 +92,22 @@ def _publish(session: Session, settings: Settings, limit: int, report: RelayRepo
             fields: Any = stream_fields(row)
             pipe.xadd(settings.results_stream, fields,
                       maxlen=settings.results_maxlen or None, approximate=True)
-        entry_ids = pipe.execute()
+        ids = pipe.execute()
     except redis.RedisError as exc:
         report.failed = len(rows)
         report.error = f"cannot publish to the results stream at {redact_url(url)}: {exc}"
         log.warning("%s; %d event(s) stay in the outbox and are retried", report.error, len(rows))
-        conn.execute(update(_outbox).where(_outbox.c.id.in_(ids))
-                     .values(attempts=_outbox.c.attempts + 1, last_error=report.error[:2000]))
+        for row in rows:
+            row.attempts += 1
+            row.last_error = report.error[:2000]
         return
-    published = []
-    for row, entry_id in zip(rows, entry_ids, strict=True):
-        stream_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        published.append({"row_id": row.id, "row_stream_id": stream_id})
+    for row, entry_id in zip(rows, ids, strict=True):
+        row.published_at = now
+        row.stream_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        row.attempts += 1
+        row.last_error = None
         log.info("listing %s: %s %s (%s) published to %s as %s", row.listing_external_id, row.type,
-                 row.event_id, row.reason, settings.results_stream, stream_id)
-    conn.execute(update(_outbox).where(_outbox.c.id == bindparam("row_id"))
-                 .values(published_at=now, stream_id=bindparam("row_stream_id"),
-                         attempts=_outbox.c.attempts + 1, last_error=None), published)
+                 row.event_id, row.reason, settings.results_stream, row.stream_id)
     report.published = len(rows)
 
 
