@@ -43,7 +43,7 @@ class _Overlap:
         return StepResult(data={"size": list(ctx.image.size)})
 
 
-def _run(db_url: str, tmp_path: Path, settings: Settings, monkeypatch) -> tuple[int, list[str]]:
+def _run(db_url: str, tmp_path: Path, settings: Settings, monkeypatch) -> tuple[int, list[object]]:
     monkeypatch.setitem(registry.STEP_REGISTRY, _Overlap.name, f"{__name__}:_Overlap")
     _Overlap.inside = _Overlap.most = 0
     refs = [photo(tmp_path / f"p{i}.png", (30 * i, 90, 200 - 20 * i)) for i in range(4)]
@@ -52,7 +52,7 @@ def _run(db_url: str, tmp_path: Path, settings: Settings, monkeypatch) -> tuple[
         outcomes = analyze_images(session, out.images_to_analyze, settings, max_attempts=3)
     assert [o.image_id for o in outcomes] == out.images_to_analyze
     with session_factory(db_url)() as session:
-        hashes = [session.get_one(m.Image, i).phash or "" for i in out.images_to_analyze]
+        hashes: list[object] = [session.get_one(m.Image, i).phash for i in out.images_to_analyze]
     return _Overlap.most, [o.status for o in outcomes] + hashes
 
 

@@ -23,11 +23,16 @@ def _photo(width: int, height: int) -> Image.Image:
 def test_shared_computes_once_per_key() -> None:
     ctx = _ctx(_photo(64, 48))
     calls: list[str] = []
-    first = ctx.shared("grey", lambda: calls.append("grey") or ctx.image.convert("L"))
-    second = ctx.shared("grey", lambda: calls.append("again") or ctx.image.convert("L"))
+
+    def make(label: str) -> Image.Image:
+        calls.append(label)
+        return ctx.image.convert("L")
+
+    first = ctx.shared("grey", lambda: make("grey"))
+    second = ctx.shared("grey", lambda: make("again"))
     assert first is second and calls == ["grey"]
-    other = ctx.shared("other", lambda: calls.append("other") or 3)
-    assert other == 3 and calls == ["grey", "other"]
+    other = ctx.shared("other", lambda: make("other"))
+    assert other is not first and calls == ["grey", "other"]
 
 
 def test_reduced_keeps_small_photos_and_aspect() -> None:
