@@ -48,6 +48,10 @@ DEFAULT_STEPS = (
 
 
 #: The flag kinds a listing's fraud score weighs (CATALOG_FRAUD_WEIGHTS keys).
+#: Dynamic batch size on CUDA when CATALOG_BATCH_MAX_SIZE is unset (1 on the CPU, where batching
+#: measured slower); worker.models.runtime and the batched image task both read it.
+CUDA_BATCH_DEFAULT = 8
+
 FRAUD_FLAG_KINDS = ("duplicate_image", "contact_info", "nsfw", "tampered", "category_mismatch", "low_quality")
 
 #: Settings that may be read from a file named by ``CATALOG_<NAME>_FILE`` (Docker/Kubernetes secrets).

@@ -54,6 +54,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from PIL import Image
 
+from worker.config import CUDA_BATCH_DEFAULT
 from worker.models.backends import (
     Backend,
     OnnxBackend,
@@ -332,7 +333,7 @@ def batch_size(settings: Any) -> int:
     on CPU a batch costs as much per image as single forwards, and the batcher serialises)."""
     if settings.batch_max_size is not None:
         return int(settings.batch_max_size)
-    return 8 if resolve_device(settings.device).type == "cuda" else 1
+    return CUDA_BATCH_DEFAULT if resolve_device(settings.device).type == "cuda" else 1
 
 
 def model_kwargs(settings: Any) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db import models as m
-from worker.config import Settings
+from worker.config import CUDA_BATCH_DEFAULT, Settings
 from worker.io.errors import ImageLoadError
 from worker.io.load import LoadedImage, load_image
 from worker.observe import metrics, report
@@ -450,11 +450,11 @@ def _concurrency(settings: Settings, images: int) -> int:
         return 1
     if settings.batch_max_size is not None:
         return max(1, min(images, settings.batch_max_size))
-    if settings.device == "cpu" or "torch" not in sys.modules:
+    torch = sys.modules.get("torch")
+    if settings.device == "cpu" or torch is None:
         return 1
-    from worker.models.runtime import batch_size
-
-    return max(1, min(images, batch_size(settings)))
+    on_cuda = settings.device == "cuda" or bool(torch.cuda.is_available())
+    return max(1, min(images, CUDA_BATCH_DEFAULT if on_cuda else 1))
 
 
 def _write_batch(session: Session, work: list[tuple[Claim, _Computed]], settings: Settings) -> list[ImageOutcome]:
