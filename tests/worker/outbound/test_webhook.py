@@ -17,7 +17,7 @@ from db.session import dispose_engines, session_factory
 from tests.support.pipeline import analyze_all, apply, event, photo
 from tests.support.services import unique
 from tests.support.webhook import WebhookReceiver
-from worker.config import ConfigError, get_settings, load_settings
+from worker.config import ConfigError, get_settings, load_settings, reset_settings
 from worker.outbound.publish import relay
 from worker.outbound.schema import validate_payload
 from worker.outbound.webhook import sign
@@ -120,9 +120,10 @@ def test_a_recovering_endpoint_gets_the_event_on_a_retry(env: dict, receiver: We
 def test_a_target_the_fetch_fence_refuses_is_dead_lettered_at_once(env: dict, receiver: WebhookReceiver,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Loopback is not allowed without CATALOG_FETCH_ALLOW_HOSTS, as for image URLs."""
-    from tasks.outbound import deliver_webhook
+    from tasks.outbound import deliver_webhook  # a first import caches the settings (worker.celery_app)
 
     monkeypatch.delenv("CATALOG_FETCH_ALLOW_HOSTS")
+    reset_settings()  # so the delivery sees the environment without the allowance
     _listing, (outbox_id,) = processed_listing(env)
     deliver_webhook.apply(args=(outbox_id,))
     assert receiver.received == []
