@@ -257,12 +257,9 @@ def _held_image(session: Session, claim: Claim) -> tuple[m.Listing, m.Image] | s
     why not."""
     listing = lock_listing(session, claim.listing_id)
     image = lock_image(session, claim.image_id)
-    if image is None or image.url != claim.url or image.status != "pending" or listing.status == "deleted":
-        return "changed while processing"
-    if image.lease_owner != claim.token:
-        log.warning("image %s: another run took its lease over while this one worked (it was "
-                    "declared dead); this run's results are dropped", claim.image_id)
-        return "lease taken over by another run"
+    problem = _not_held(claim, listing, image)
+    if problem is not None or image is None:
+        return problem or "changed while processing"
     return listing, image
 
 
@@ -283,13 +280,19 @@ def _store(session: Session, claim: Claim, loaded: LoadedImage, runs: list[StepR
         with session.no_autoflush:
             store_runs(session, image, runs)
             store_image_vectors(session, settings, image_id=image.id, listing_id=listing.id, runs=runs)
-        complete = all(run.status == "ok" for run in runs) and {run.step for run in runs} >= set(settings.steps)
+        complete, detail = _completeness(runs, settings)
         finish_image(session, image, status="done", error=None, loaded=loaded, settings=settings,
                      complete=complete, listing=listing)
         decision = _decision(listing)
+    return ImageOutcome(claim.image_id, "done", detail, steps=runs, decision=decision)
+
+
+def _completeness(runs: list[StepRun], settings: Settings) -> tuple[bool, str]:
+    """Whether every configured step ran ok, and the outcome's detail saying which did not."""
+    complete = all(run.status == "ok" for run in runs) and {run.step for run in runs} >= set(settings.steps)
     detail = "" if complete else "incomplete: " + ", ".join(
         f"{run.step} {run.status}" for run in runs if run.status != "ok")
-    return ImageOutcome(claim.image_id, "done", detail, steps=runs, decision=decision)
+    return complete, detail
 
 
 def _decision(listing: m.Listing) -> str | None:
@@ -536,11 +539,9 @@ def _store_locked(session: Session, claim: Claim, computed: _Computed, listing: 
     with session.no_autoflush:
         store_runs(session, image, runs, rows)
         store_image_vectors(session, settings, image_id=image.id, listing_id=listing.id, runs=runs)
-    complete = all(run.status == "ok" for run in runs) and {run.step for run in runs} >= set(settings.steps)
+    complete, detail = _completeness(runs, settings)
     finish_image(session, image, status="done", error=None, loaded=computed.loaded, settings=settings,
                  complete=complete, listing=listing, finish_listing=False)
-    detail = "" if complete else "incomplete: " + ", ".join(
-        f"{run.step} {run.status}" for run in runs if run.status != "ok")
     return ImageOutcome(claim.image_id, "done", detail, steps=runs)
 
 
